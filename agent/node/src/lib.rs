@@ -1,1 +1,5 @@
-//! placeholder
+//! ozfleet node agent: dials the gateway, advertises its capacity and runs tasks.
+
+pub mod argv;
+pub mod backend;
+pub mod task_env;
