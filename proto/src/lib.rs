@@ -6,6 +6,7 @@
 //!   `oz-agent-worker` speaks them.
 
 pub mod oz;
+pub mod reconnect;
 
 #[allow(clippy::all, clippy::pedantic)]
 pub mod v1 {

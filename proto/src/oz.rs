@@ -466,7 +466,7 @@ fn redacted_serde_error(error: &serde_json::Error) -> String {
     for ch in message.chars() {
         match open_quote {
             Some(quote) if ch == quote => {
-                redacted.push_str("…");
+                redacted.push('…');
                 redacted.push(ch);
                 open_quote = None;
             }

@@ -1,1 +1,124 @@
-//! placeholder
+//! ozfleet gateway: holds the single outbound connection to Oz, keeps the registry of
+//! node agents, places each assigned task on a node and relays claims, rejections,
+//! cancellations and outcomes.
+
+pub mod fleet;
+pub mod node_api;
+pub mod outbox;
+pub mod scheduler;
+pub mod upstream;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ozfleet_proto::v1::UpstreamSettings;
+use ozfleet_proto::v1::node_service_server::NodeServiceServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+pub use fleet::{Fleet, FleetTimings, NodeSnapshot};
+pub use node_api::JoinToken;
+pub use upstream::{Keepalive, UpstreamConfig};
+
+/// How long the node gRPC server may take to close once asked to stop.
+const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum GatewayError {
+    #[error("{0}")]
+    InvalidConfig(String),
+    #[error("{0}")]
+    Unauthenticated(&'static str),
+    #[error("{0}")]
+    InvalidNode(String),
+    #[error(transparent)]
+    Stream(#[from] tonic::Status),
+    #[error("node API server failed: {0}")]
+    Server(#[from] tonic::transport::Error),
+}
+
+impl From<GatewayError> for tonic::Status {
+    fn from(error: GatewayError) -> Self {
+        match error {
+            GatewayError::Stream(status) => status,
+            GatewayError::Unauthenticated(_) => tonic::Status::unauthenticated(error.to_string()),
+            GatewayError::InvalidNode(_) | GatewayError::InvalidConfig(_) => {
+                tonic::Status::invalid_argument(error.to_string())
+            }
+            GatewayError::Server(_) => tonic::Status::internal(error.to_string()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GatewayConfig {
+    pub upstream: UpstreamConfig,
+    /// Worker-wide values nodes need for the `oz agent run` argv.
+    pub settings: UpstreamSettings,
+    pub join_token: JoinToken,
+    pub timings: FleetTimings,
+}
+
+/// Runs the gateway until `shutdown`: the Oz connection plus the node API (with gRPC
+/// health and server reflection) on `node_listener`.
+pub async fn run(
+    node_listener: TcpListener,
+    config: GatewayConfig,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    // Validate before anything starts, so a bad URL fails the process instead of a loop.
+    upstream::connect_url(&config.upstream.web_socket_url, &config.upstream.worker_id)?;
+    let outbox = Arc::new(outbox::Outbox::default());
+    let fleet = Fleet::new(outbox.clone(), config.settings.clone(), config.timings.clone());
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<NodeServiceServer<node_api::NodeApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(ozfleet_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|error| GatewayError::InvalidConfig(format!("reflection: {error}")))?;
+    let node_api = NodeServiceServer::new(node_api::NodeApi::new(fleet.clone(), config.join_token));
+
+    let address = node_listener.local_addr().ok();
+    info!(
+        worker_id = config.upstream.worker_id,
+        "Gateway listening for node agents on {}",
+        address.map_or_else(|| "?".into(), |a| a.to_string())
+    );
+    let server_stop = CancellationToken::new();
+    let server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(node_api)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(node_listener),
+            server_stop.clone().cancelled_owned(),
+        );
+    let mut server = tokio::spawn(server);
+
+    let upstream = upstream::run(config.upstream, outbox, fleet.clone(), shutdown.clone());
+    let upstream_result = tokio::select! {
+        result = upstream => result,
+        joined = &mut server => {
+            shutdown.cancel();
+            return match joined {
+                Ok(result) => result.map_err(GatewayError::from),
+                Err(panic) => Err(GatewayError::InvalidConfig(format!("node API server task failed: {panic}"))),
+            };
+        }
+    };
+
+    fleet.close_node_streams();
+    server_stop.cancel();
+    if tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server).await.is_err() {
+        warn!("Node API server did not stop within {SERVER_STOP_TIMEOUT:?}; abandoning it");
+        server.abort();
+    }
+    info!("Gateway stopped");
+    upstream_result
+}

@@ -1,0 +1,301 @@
+//! The one outbound WebSocket to Oz, wire-compatible with `oz-agent-worker`
+//! (spec §1.1–1.4): bearer auth, `worker_id` query parameter, ping every 30 s, 60 s read
+//! deadline, 10 s write deadline, jittered exponential reconnect backoff.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{SinkExt, StreamExt};
+use ozfleet_proto::oz::{self, ServerMessage};
+use ozfleet_proto::reconnect::Backoff;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::{self, Message};
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+use url::Url;
+
+use crate::GatewayError;
+use crate::fleet::Fleet;
+use crate::outbox::Outbox;
+
+/// Timings of the upstream connection; the defaults are the reference worker's.
+#[derive(Debug, Clone)]
+pub struct Keepalive {
+    pub ping_interval: Duration,
+    pub read_timeout: Duration,
+    pub write_timeout: Duration,
+    pub handshake_timeout: Duration,
+    /// A connection that stayed up this long resets the reconnect backoff. Shorter-lived
+    /// ones count as failures, so a server that accepts and closes at once is not
+    /// hammered in a tight loop (a QUIRK of the reference).
+    pub stable_after: Duration,
+    /// How long shutdown waits for queued messages to go out before closing.
+    pub drain_timeout: Duration,
+}
+
+impl Default for Keepalive {
+    fn default() -> Self {
+        Self {
+            ping_interval: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(45),
+            stable_after: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct UpstreamConfig {
+    pub web_socket_url: String,
+    pub api_key: String,
+    pub worker_id: String,
+    pub keepalive: Keepalive,
+}
+
+impl std::fmt::Debug for UpstreamConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("UpstreamConfig")
+            .field("web_socket_url", &self.web_socket_url)
+            .field("api_key", &"<redacted>")
+            .field("worker_id", &self.worker_id)
+            .field("keepalive", &self.keepalive)
+            .finish()
+    }
+}
+
+/// The configured URL with `worker_id` set (replacing any existing value) and the query
+/// re-encoded with sorted keys, as Go's `url.Values.Encode` does.
+pub fn connect_url(web_socket_url: &str, worker_id: &str) -> Result<Url, GatewayError> {
+    let mut url = Url::parse(web_socket_url).map_err(|error| {
+        GatewayError::InvalidConfig(format!("invalid --web-socket-url {web_socket_url:?}: {error}"))
+    })?;
+    if !matches!(url.scheme(), "ws" | "wss") {
+        return Err(GatewayError::InvalidConfig(format!(
+            "invalid --web-socket-url {web_socket_url:?}: scheme must be ws or wss"
+        )));
+    }
+    let mut pairs: Vec<(String, String)> = url
+        .query_pairs()
+        .filter(|(key, _)| key != "worker_id")
+        .map(|(key, value)| (key.into_owned(), value.into_owned()))
+        .collect();
+    pairs.push(("worker_id".into(), worker_id.into()));
+    // Stable sort: values of a repeated key keep their order, like Go.
+    pairs.sort_by(|a, b| a.0.cmp(&b.0));
+    url.query_pairs_mut().clear().extend_pairs(pairs);
+    Ok(url)
+}
+
+/// Keeps the upstream connection up until `shutdown`, relaying the outbox and handing
+/// every server message to the fleet.
+pub async fn run(
+    config: UpstreamConfig,
+    outbox: Arc<Outbox>,
+    fleet: Arc<Fleet>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let url = connect_url(&config.web_socket_url, &config.worker_id)?;
+    let mut backoff = Backoff::upstream();
+    while !shutdown.is_cancelled() {
+        info!("Connecting to {url}");
+        let outcome = tokio::select! {
+            outcome = dial(&url, &config) => outcome,
+            () = shutdown.cancelled() => break,
+        };
+        let stable = match outcome {
+            Ok(socket) => {
+                info!("Connected to Oz as worker {}", config.worker_id);
+                fleet.set_upstream_connected(true);
+                let started = Instant::now();
+                let end = serve(socket, &config.keepalive, &outbox, &fleet, &shutdown).await;
+                fleet.set_upstream_connected(false);
+                match end {
+                    ConnectionEnd::Shutdown => break,
+                    ConnectionEnd::Lost(reason) => {
+                        warn!("Connection closed ({reason}), will attempt to reconnect")
+                    }
+                }
+                started.elapsed() >= config.keepalive.stable_after
+            }
+            Err(error) => {
+                error!("Failed to connect to {url}: {error}");
+                false
+            }
+        };
+        if stable {
+            backoff.reset();
+            continue;
+        }
+        let delay = backoff.next_delay();
+        debug!("Reconnecting in {delay:?}");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = shutdown.cancelled() => break,
+        }
+    }
+    Ok(())
+}
+
+type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
+    let mut request = url
+        .as_str()
+        .into_client_request()
+        .map_err(|error| error.to_string())?;
+    let bearer = format!("Bearer {}", config.api_key)
+        .parse()
+        .map_err(|_| "the API key contains characters not allowed in an HTTP header".to_string())?;
+    request.headers_mut().insert(http::header::AUTHORIZATION, bearer);
+    let handshake = tokio_tungstenite::connect_async(request);
+    match tokio::time::timeout(config.keepalive.handshake_timeout, handshake).await {
+        Err(_) => Err(format!(
+            "handshake timed out after {:?}",
+            config.keepalive.handshake_timeout
+        )),
+        Ok(Err(tungstenite::Error::Http(response))) => {
+            Err(format!("handshake rejected with HTTP status {}", response.status()))
+        }
+        Ok(Err(error)) => Err(error.to_string()),
+        Ok(Ok((socket, _response))) => Ok(socket),
+    }
+}
+
+enum ConnectionEnd {
+    Shutdown,
+    Lost(String),
+}
+
+async fn serve(
+    mut socket: Socket,
+    keepalive: &Keepalive,
+    outbox: &Outbox,
+    fleet: &Fleet,
+    shutdown: &CancellationToken,
+) -> ConnectionEnd {
+    let mut ping = tokio::time::interval_at(
+        tokio::time::Instant::now() + keepalive.ping_interval,
+        keepalive.ping_interval,
+    );
+    let mut read_deadline = tokio::time::Instant::now() + keepalive.read_timeout;
+    loop {
+        tokio::select! {
+            // Reading is never abandoned mid-frame: `next` is cancel-safe, so a frame
+            // that is half read stays buffered for the next iteration.
+            frame = socket.next() => {
+                read_deadline = tokio::time::Instant::now() + keepalive.read_timeout;
+                match frame {
+                    None => return ConnectionEnd::Lost("server closed the stream".into()),
+                    Some(Err(error)) => return ConnectionEnd::Lost(error.to_string()),
+                    Some(Ok(Message::Text(text))) => handle_frame(fleet, text.as_str()),
+                    Some(Ok(Message::Close(frame))) => {
+                        let code = frame.as_ref().map(|f| f.code);
+                        if !matches!(code, Some(CloseCode::Away | CloseCode::Abnormal) | None) {
+                            error!("Oz closed the connection: {frame:?}");
+                        }
+                        return ConnectionEnd::Lost("close frame received".into());
+                    }
+                    Some(Ok(Message::Binary(_))) => warn!("Ignoring a binary frame from Oz"),
+                    Some(Ok(_)) => {} // ping/pong: the deadline reset above is all they do
+                }
+            }
+            () = tokio::time::sleep_until(read_deadline) => {
+                return ConnectionEnd::Lost(format!("nothing received for {:?}", keepalive.read_timeout));
+            }
+            queued = outbox.front() => {
+                let frame = queued.message.to_frame();
+                match write(&mut socket, Message::text(frame), keepalive.write_timeout).await {
+                    Ok(()) => {
+                        debug!(task_id = queued.message.task_id(), "Sent {}", queued.message.message_type());
+                        outbox.mark_sent(&queued);
+                    }
+                    Err(error) => return ConnectionEnd::Lost(format!("write failed: {error}")),
+                }
+            }
+            _ = ping.tick() => {
+                if let Err(error) = write(&mut socket, Message::Ping(Default::default()), keepalive.write_timeout).await {
+                    return ConnectionEnd::Lost(format!("ping failed: {error}"));
+                }
+            }
+            () = shutdown.cancelled() => {
+                drain_and_close(&mut socket, keepalive, outbox).await;
+                return ConnectionEnd::Shutdown;
+            }
+        }
+    }
+}
+
+async fn write(socket: &mut Socket, message: Message, timeout: Duration) -> Result<(), String> {
+    match tokio::time::timeout(timeout, socket.send(message)).await {
+        Err(_) => Err(format!("write timed out after {timeout:?}")),
+        Ok(result) => result.map_err(|error| error.to_string()),
+    }
+}
+
+/// Sends what is still queued (bounded), then a normal-closure close frame.
+async fn drain_and_close(socket: &mut Socket, keepalive: &Keepalive, outbox: &Outbox) {
+    let deadline = tokio::time::Instant::now() + keepalive.drain_timeout;
+    while !outbox.is_empty() && tokio::time::Instant::now() < deadline {
+        let Ok(queued) = tokio::time::timeout_at(deadline, outbox.front()).await else {
+            break;
+        };
+        if write(socket, Message::text(queued.message.to_frame()), keepalive.write_timeout)
+            .await
+            .is_err()
+        {
+            break;
+        }
+        outbox.mark_sent(&queued);
+    }
+    let close = Message::Close(Some(CloseFrame {
+        code: CloseCode::Normal,
+        reason: "".into(),
+    }));
+    if let Err(error) = write(socket, close, keepalive.write_timeout).await {
+        debug!("Close frame not sent: {error}");
+    }
+}
+
+fn handle_frame(fleet: &Fleet, text: &str) {
+    match oz::parse_server_message(text) {
+        Ok(ServerMessage::TaskAssignment {
+            assignment,
+            raw_data,
+        }) => fleet.on_assignment(&assignment, raw_data.get().as_bytes()),
+        Ok(ServerMessage::TaskCancellation(cancellation)) => {
+            fleet.on_cancellation(&cancellation.task_id)
+        }
+        // Logged without the frame: it may carry credentials in env_vars.
+        Err(error) => warn!("Ignoring a message from Oz: {error}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn worker_id_is_set_and_other_parameters_kept_sorted() {
+        let url = connect_url("wss://oz.example/ws?zeta=1&worker_id=old&alpha=a+b", "w 1").unwrap();
+        assert_eq!(url.as_str(), "wss://oz.example/ws?alpha=a+b&worker_id=w+1&zeta=1");
+        let url = connect_url(oz::DEFAULT_WEB_SOCKET_URL, "edge-1").unwrap();
+        assert_eq!(
+            url.as_str(),
+            "wss://oz.warp.dev/api/v1/selfhosted/worker/ws?worker_id=edge-1"
+        );
+    }
+
+    #[test]
+    fn bad_urls_are_rejected_naming_the_flag() {
+        let error = connect_url("not a url", "w").unwrap_err().to_string();
+        assert!(error.contains("--web-socket-url"), "{error}");
+        let error = connect_url("https://oz.example/ws", "w").unwrap_err().to_string();
+        assert!(error.contains("scheme must be ws or wss"), "{error}");
+    }
+}
