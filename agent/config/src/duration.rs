@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(err("1"), r#"time: missing unit in duration "1""#);
         assert_eq!(err("30"), r#"time: missing unit in duration "30""#);
         assert_eq!(err("1x"), r#"time: unknown unit "x" in duration "1x""#);
-        assert_eq!(err("1h 30m"), r#"time: unknown unit "h " in duration "1h 30m""#);
+        assert_eq!(
+            err("1h 30m"),
+            r#"time: unknown unit "h " in duration "1h 30m""#
+        );
         assert_eq!(err("1S"), r#"time: unknown unit "S" in duration "1S""#);
         assert_eq!(err(" 1s"), r#"time: invalid duration " 1s""#);
         assert_eq!(err("2562048h"), r#"time: invalid duration "2562048h""#);

@@ -59,7 +59,8 @@ struct Args(Vec<String>);
 
 impl Args {
     fn push<const N: usize>(&mut self, tokens: [&str; N]) {
-        self.0.extend(tokens.iter().map(|token| (*token).to_owned()));
+        self.0
+            .extend(tokens.iter().map(|token| (*token).to_owned()));
     }
 
     /// `flag value` when the whitespace-trimmed value is non-empty.
@@ -361,7 +362,10 @@ mod tests {
     fn explicit_computer_use_is_respected_for_both_harness_kinds() {
         let cases = [
             (r#"{"computer_use_enabled":true}"#, vec!["--computer-use"]),
-            (r#"{"computer_use_enabled":false}"#, vec!["--no-computer-use"]),
+            (
+                r#"{"computer_use_enabled":false}"#,
+                vec!["--no-computer-use"],
+            ),
             (
                 r#"{"computer_use_enabled":true,"harness":{"type":"codex"}}"#,
                 vec!["--computer-use", "--harness", "codex"],
@@ -434,12 +438,7 @@ mod tests {
         );
         assert_eq!(
             args_for(r#"{"model_id":"m","harness":{"type":" oz"}}"#),
-            expected(&[
-                "--no-computer-use",
-                "--harness",
-                "oz",
-                "--idle-on-complete"
-            ]),
+            expected(&["--no-computer-use", "--harness", "oz", "--idle-on-complete"]),
             "the Oz-harness check does not trim"
         );
     }
@@ -484,8 +483,9 @@ mod tests {
 
     #[test]
     fn bedrock_whitespace_region_omitted() {
-        let snapshot =
-            format!(r#"{{"inference_providers":{{"aws":{{"role_arn":"{ROLE}","region":"   "}}}}}}"#);
+        let snapshot = format!(
+            r#"{{"inference_providers":{{"aws":{{"role_arn":"{ROLE}","region":"   "}}}}}}"#
+        );
         assert_eq!(
             args_for(&snapshot),
             expected(&[
@@ -622,7 +622,10 @@ mod tests {
 
     #[test]
     fn no_additional_oz_args_when_absent() {
-        let assignment = assignment(r#""agent_config_snapshot":{}"#, r#""additional_oz_args":null"#);
+        let assignment = assignment(
+            r#""agent_config_snapshot":{}"#,
+            r#""additional_oz_args":null"#,
+        );
         assert_eq!(
             build_base_args(&assignment, &settings()),
             expected(&["--computer-use", "--idle-on-complete"])
@@ -693,7 +696,9 @@ mod tests {
     #[test]
     fn profile_skill_and_environment_trimmed_and_skipped_when_blank() {
         assert_eq!(
-            args_for(r#"{"profile_id":" p1 ","skill_spec":"\tskills/x\n","environment_id":" env-1 "}"#),
+            args_for(
+                r#"{"profile_id":" p1 ","skill_spec":"\tskills/x\n","environment_id":" env-1 "}"#
+            ),
             expected(&[
                 "--profile",
                 "p1",
@@ -749,7 +754,10 @@ mod tests {
             session_sharing_server_url: Some("wss://share.example".into()),
             ..settings()
         };
-        let assignment = assignment(r#""agent_config_snapshot":{}"#, r#""additional_oz_args":["--x"]"#);
+        let assignment = assignment(
+            r#""agent_config_snapshot":{}"#,
+            r#""additional_oz_args":["--x"]"#,
+        );
         assert_eq!(
             build_base_args(&assignment, &settings),
             expected(&[

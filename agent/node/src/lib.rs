@@ -2,4 +2,8 @@
 
 pub mod argv;
 pub mod backend;
+pub mod identity;
+pub mod node;
 pub mod task_env;
+
+pub use node::{CancelSource, NodeConfig, run};

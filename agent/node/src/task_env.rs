@@ -10,14 +10,20 @@ use ozfleet_proto::oz::TaskAssignment;
 /// The common task environment, in the reference order: `TASK_ID`, `GIT_TERMINAL_PROMPT`,
 /// `GH_PROMPT_DISABLED`, `WARP_SERVER_ROOT_URL` (only when non-empty), then every
 /// `env_vars` entry of the assignment (sorted by name). Later entries win on duplicates.
-pub fn common_task_env(assignment: &TaskAssignment, server_root_url: &str) -> Vec<(String, String)> {
+pub fn common_task_env(
+    assignment: &TaskAssignment,
+    server_root_url: &str,
+) -> Vec<(String, String)> {
     let mut env = vec![
         ("TASK_ID".to_owned(), assignment.task.id.clone()),
         ("GIT_TERMINAL_PROMPT".to_owned(), "0".to_owned()),
         ("GH_PROMPT_DISABLED".to_owned(), "1".to_owned()),
     ];
     if !server_root_url.is_empty() {
-        env.push(("WARP_SERVER_ROOT_URL".to_owned(), server_root_url.to_owned()));
+        env.push((
+            "WARP_SERVER_ROOT_URL".to_owned(),
+            server_root_url.to_owned(),
+        ));
     }
     env.extend(
         assignment

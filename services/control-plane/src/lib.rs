@@ -1,1 +1,125 @@
-//! placeholder
+//! A local Oz-compatible control plane: Oz's run API and its self-hosted worker WebSocket,
+//! with runs kept in SQLite. It stands in for Warp's Oz server in demos, air-gapped trials
+//! and tests, and only ever runs work on self-hosted workers.
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let config = ozfleet_control_plane::ControlPlaneConfig::new("secret", "runs.db");
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! ozfleet_control_plane::run(listener, config, shutdown).await
+//! # }
+//! ```
+
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::info;
+
+mod api;
+mod auth;
+mod dispatch;
+mod error;
+mod fleet;
+mod listing;
+mod run_request;
+mod store;
+mod worker_messages;
+mod worker_ws;
+
+use dispatch::Dispatcher;
+use store::Store;
+
+pub struct ControlPlaneConfig {
+    /// The bearer token that API clients and workers must present.
+    pub api_key: String,
+    /// The SQLite database holding the runs; created if missing.
+    pub database_path: PathBuf,
+    /// How long a run a worker rejected waits before it is offered again.
+    pub reoffer_delay: Duration,
+}
+
+impl ControlPlaneConfig {
+    pub const DEFAULT_REOFFER_DELAY: Duration = Duration::from_secs(1);
+
+    pub fn new(api_key: impl Into<String>, database_path: impl Into<PathBuf>) -> Self {
+        Self {
+            api_key: api_key.into(),
+            database_path: database_path.into(),
+            reoffer_delay: Self::DEFAULT_REOFFER_DELAY,
+        }
+    }
+}
+
+impl fmt::Debug for ControlPlaneConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ControlPlaneConfig")
+            .field("api_key", &"<redacted>")
+            .field("database_path", &self.database_path)
+            .field("reoffer_delay", &self.reoffer_delay)
+            .finish()
+    }
+}
+
+/// What request handlers and worker connections share.
+pub(crate) struct AppState {
+    api_key: String,
+    store: Arc<Store>,
+    dispatcher: Arc<Dispatcher>,
+    shutdown: CancellationToken,
+    connection_tasks: TaskTracker,
+}
+
+/// Serves the control plane on `listener` until `shutdown` is cancelled, then closes the
+/// worker connections (close code 1000) and returns.
+pub async fn run(
+    listener: TcpListener,
+    config: ControlPlaneConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        !config.api_key.is_empty(),
+        "the control plane's API key must not be empty"
+    );
+    let store = Arc::new(Store::open(&config.database_path).with_context(|| {
+        format!(
+            "cannot open the run database {}",
+            config.database_path.display()
+        )
+    })?);
+    let address = listener
+        .local_addr()
+        .context("cannot read the listener's address")?;
+    // Stops the workers' connections and the dispatcher also when serving fails.
+    let stop = shutdown.child_token();
+    let dispatcher = Arc::new(Dispatcher::new(store.clone(), config.reoffer_delay));
+    let connection_tasks = TaskTracker::new();
+    let state = Arc::new(AppState {
+        api_key: config.api_key,
+        store,
+        dispatcher: dispatcher.clone(),
+        shutdown: stop.clone(),
+        connection_tasks: connection_tasks.clone(),
+    });
+    let dispatch_loop = tokio::spawn(dispatcher.run(stop.clone()));
+
+    info!("control plane listening on http://{address}");
+    let served = axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
+    stop.cancel();
+    connection_tasks.close();
+    connection_tasks.wait().await;
+    dispatch_loop
+        .await
+        .context("the dispatch loop panicked")?;
+    served.context("serving the control plane failed")?;
+    info!("control plane stopped");
+    Ok(())
+}

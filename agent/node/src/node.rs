@@ -1,0 +1,530 @@
+//! The node agent: keeps one attach stream to the gateway, announces its full state on
+//! every (re)connect, runs the tasks it accepts and reports each outcome until the gateway
+//! acknowledges it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use ozfleet_proto::oz::{self, FailureReason};
+use ozfleet_proto::reconnect::Backoff;
+use ozfleet_proto::v1::node_service_client::NodeServiceClient;
+use ozfleet_proto::v1::{
+    self, AttachRequest, NodeHello, TaskOutcome, TaskRef, attach_request, attach_response,
+    task_outcome,
+};
+use tokio::sync::mpsc::UnboundedSender;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::argv::{ArgvSettings, build_base_args};
+use crate::backend::{Backend, TaskFailure, TaskRun};
+use crate::identity::load_or_create_node_id;
+use crate::task_env::common_task_env;
+
+/// A connection that stayed up this long resets the reconnect backoff.
+const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// How long shutdown waits for the gateway to acknowledge the last outcomes.
+const ACK_WAIT: Duration = Duration::from_secs(3);
+const BACKEND_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Clone)]
+pub struct NodeConfig {
+    /// e.g. `http://gateway.internal:7070`.
+    pub gateway_url: String,
+    pub join_token: String,
+    pub state_dir: PathBuf,
+    pub node_name: String,
+    pub labels: BTreeMap<String, String>,
+    /// 0 = unlimited.
+    pub max_concurrent_tasks: u32,
+    /// Overrides the gateway's `--idle-on-complete` for tasks on this node.
+    pub idle_on_complete: Option<String>,
+    /// How long shutdown waits for cancelled tasks to end.
+    pub shutdown_grace: Duration,
+}
+
+impl std::fmt::Debug for NodeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeConfig")
+            .field("gateway_url", &self.gateway_url)
+            .field("join_token", &"<redacted>")
+            .field("state_dir", &self.state_dir)
+            .field("node_name", &self.node_name)
+            .field("labels", &self.labels)
+            .field("max_concurrent_tasks", &self.max_concurrent_tasks)
+            .field("idle_on_complete", &self.idle_on_complete)
+            .field("shutdown_grace", &self.shutdown_grace)
+            .finish()
+    }
+}
+
+/// Why a task's execution was cancelled; the first source recorded wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CancelSource {
+    /// Oz asked (`task_cancellation`).
+    User,
+    /// The node agent is stopping.
+    Shutdown,
+}
+
+struct Running {
+    execution_id: String,
+    cancel: CancellationToken,
+    source: Option<CancelSource>,
+}
+
+#[derive(Default)]
+struct NodeState {
+    running: HashMap<String, Running>,
+    /// Outcomes not yet acknowledged, keyed by (task id, execution id).
+    unacknowledged: BTreeMap<(String, String), TaskOutcome>,
+    /// The live attach stream, if any.
+    link: Option<UnboundedSender<AttachRequest>>,
+    shutting_down: bool,
+}
+
+impl NodeState {
+    fn send(&self, kind: attach_request::Kind) {
+        if let Some(link) = &self.link {
+            let _ = link.send(AttachRequest { kind: Some(kind) });
+        }
+    }
+}
+
+struct Node {
+    config: NodeConfig,
+    node_id: String,
+    backend: Backend,
+    state: Mutex<NodeState>,
+    changed: tokio::sync::Notify,
+}
+
+/// Runs the node agent until `shutdown`, then cancels its tasks, waits for them
+/// (bounded by `shutdown_grace`), delivers their outcomes and stops.
+pub async fn run(
+    config: NodeConfig,
+    backend: Backend,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let node_id = load_or_create_node_id(&config.state_dir)?;
+    info!(
+        node_id,
+        node_name = config.node_name,
+        backend = backend.kind().as_str_name(),
+        max_concurrent_tasks = config.max_concurrent_tasks,
+        "Node agent starting"
+    );
+    let node = Arc::new(Node {
+        config,
+        node_id,
+        backend,
+        state: Mutex::new(NodeState::default()),
+        changed: tokio::sync::Notify::new(),
+    });
+    let stop_connecting = CancellationToken::new();
+    let connection = tokio::spawn(node.clone().stay_connected(stop_connecting.clone()));
+
+    shutdown.cancelled().await;
+    node.drain().await;
+    stop_connecting.cancel();
+    let _ = connection.await;
+    node.backend.shutdown(BACKEND_SHUTDOWN_TIMEOUT).await;
+    info!("Node agent stopped");
+    Ok(())
+}
+
+impl Node {
+    fn lock(&self) -> MutexGuard<'_, NodeState> {
+        self.state.lock().expect("node state lock poisoned")
+    }
+
+    async fn stay_connected(self: Arc<Self>, stop: CancellationToken) {
+        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        while !stop.is_cancelled() {
+            let started = Instant::now();
+            let result = tokio::select! {
+                result = self.session() => result,
+                () = stop.cancelled() => Ok(()),
+            };
+            self.lock().link = None;
+            if stop.is_cancelled() {
+                break;
+            }
+            match result {
+                Ok(()) => warn!("Gateway closed the attach stream; reconnecting"),
+                Err(error) => error!("Gateway connection failed: {error}"),
+            }
+            if started.elapsed() >= STABLE_CONNECTION {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            debug!("Reconnecting to the gateway in {delay:?}");
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = stop.cancelled() => break,
+            }
+        }
+    }
+
+    fn hello(&self, state: &NodeState) -> NodeHello {
+        NodeHello {
+            node_id: self.node_id.clone(),
+            node_name: self.config.node_name.clone(),
+            backend: self.backend.kind().into(),
+            max_concurrent_tasks: self.config.max_concurrent_tasks,
+            labels: self.config.labels.clone().into_iter().collect(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            running_tasks: state
+                .running
+                .iter()
+                .map(|(task_id, running)| TaskRef {
+                    task_id: task_id.clone(),
+                    execution_id: running.execution_id.clone(),
+                })
+                .collect(),
+            unacknowledged_outcomes: state.unacknowledged.values().cloned().collect(),
+        }
+    }
+
+    async fn session(self: &Arc<Self>) -> anyhow::Result<()> {
+        let endpoint = tonic::transport::Endpoint::from_shared(self.config.gateway_url.clone())?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20));
+        info!("Connecting to gateway {}", self.config.gateway_url);
+        let channel = endpoint.connect().await?;
+        let mut client = NodeServiceClient::new(channel);
+
+        let (link, outbound) = tokio::sync::mpsc::unbounded_channel();
+        let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
+        request.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", self.config.join_token)
+                .parse()
+                .map_err(|_| anyhow::anyhow!("the join token contains characters not allowed in gRPC metadata"))?,
+        );
+        {
+            // The hello snapshot and the link switch happen under one lock so no outcome
+            // falls between them.
+            let mut state = self.lock();
+            let hello = self.hello(&state);
+            let _ = link.send(AttachRequest {
+                kind: Some(attach_request::Kind::Hello(hello)),
+            });
+            state.link = Some(link);
+        }
+        let mut inbound = client.attach(request).await?.into_inner();
+        while let Some(message) = inbound.message().await? {
+            match message.kind {
+                Some(attach_response::Kind::Welcome(welcome)) => info!(
+                    node_id = self.node_id,
+                    epoch = welcome.epoch,
+                    worker_id = welcome.worker_id,
+                    "Attached to gateway"
+                ),
+                Some(attach_response::Kind::Assignment(assignment)) => self.on_assignment(assignment),
+                Some(attach_response::Kind::Cancellation(cancellation)) => {
+                    self.cancel(&cancellation.task_id, CancelSource::User)
+                }
+                Some(attach_response::Kind::OutcomeAck(ack)) => {
+                    self.lock()
+                        .unacknowledged
+                        .remove(&(ack.task_id, ack.execution_id));
+                    self.changed.notify_waiters();
+                }
+                None => warn!("Ignoring an empty message from the gateway"),
+            }
+        }
+        Ok(())
+    }
+
+    fn on_assignment(self: &Arc<Self>, assignment: v1::TaskAssignment) {
+        let task_id = assignment.task_id.clone();
+        let execution_id = assignment.execution_id.clone();
+        let mut state = self.lock();
+        let refusal = if state.shutting_down {
+            Some("node is shutting down".to_owned())
+        } else if let Some(running) = state.running.get(&task_id) {
+            if running.execution_id == execution_id {
+                // A repeated offer (e.g. after a reconnect): accepting again is idempotent.
+                state.send(attach_request::Kind::Accepted(v1::AssignmentAccepted {
+                    task_id,
+                    execution_id,
+                }));
+                return;
+            }
+            Some(format!(
+                "task is already running here as execution {}",
+                running.execution_id
+            ))
+        } else if self.config.max_concurrent_tasks > 0
+            && state.running.len() >= self.config.max_concurrent_tasks as usize
+        {
+            Some("node at maximum concurrency".to_owned())
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            info!(task_id, reason, "Refusing task");
+            state.send(attach_request::Kind::Refused(v1::AssignmentRefused {
+                task_id,
+                execution_id,
+                reason,
+            }));
+            return;
+        }
+        let cancel = CancellationToken::new();
+        state.running.insert(
+            task_id.clone(),
+            Running {
+                execution_id: execution_id.clone(),
+                cancel: cancel.clone(),
+                source: None,
+            },
+        );
+        state.send(attach_request::Kind::Accepted(v1::AssignmentAccepted {
+            task_id: task_id.clone(),
+            execution_id: execution_id.clone(),
+        }));
+        drop(state);
+        info!(task_id, execution_id, node_id = self.node_id, "Task accepted; starting it");
+        let node = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = node.execute(&assignment, cancel).await;
+            node.finish(&task_id, &execution_id, result, started.elapsed());
+        });
+    }
+
+    async fn execute(
+        &self,
+        assignment: &v1::TaskAssignment,
+        cancel: CancellationToken,
+    ) -> Result<(), TaskFailure> {
+        let oz_assignment = oz::parse_assignment_data(&assignment.oz_assignment_json)
+            .map_err(|error| TaskFailure::new(FailureReason::Unknown, format!("invalid assignment: {error}")))?;
+        let settings = assignment.settings.clone().unwrap_or_default();
+        let non_empty = |value: String| (!value.is_empty()).then_some(value);
+        let argv_settings = ArgvSettings {
+            server_root_url: settings.server_root_url.clone(),
+            idle_on_complete: self
+                .config
+                .idle_on_complete
+                .clone()
+                .or_else(|| non_empty(settings.idle_on_complete)),
+            session_sharing_server_url: non_empty(settings.session_sharing_server_url),
+        };
+        let harness = oz_assignment
+            .task
+            .agent_config_snapshot
+            .as_ref()
+            .and_then(|config| config.harness_type())
+            .map(str::trim)
+            .filter(|harness| !harness.is_empty())
+            .map(str::to_owned);
+        let task = TaskRun {
+            task_id: assignment.task_id.clone(),
+            execution_id: assignment.execution_id.clone(),
+            base_args: build_base_args(&oz_assignment, &argv_settings),
+            env: common_task_env(&oz_assignment, &settings.server_root_url),
+            harness,
+        };
+        self.backend.execute(task, cancel).await
+    }
+
+    fn finish(&self, task_id: &str, execution_id: &str, result: Result<(), TaskFailure>, took: Duration) {
+        let mut state = self.lock();
+        let source = state.running.remove(task_id).and_then(|running| running.source);
+        let result = outcome_result(result, source);
+        match &result {
+            task_outcome::Result::Failed(failed) => info!(
+                task_id,
+                reason = failed.failure_reason,
+                exit_code = failed.exit_code,
+                "Task failed after {took:.1?}"
+            ),
+            task_outcome::Result::Succeeded(_) => info!(task_id, "Task succeeded after {took:.1?}"),
+            task_outcome::Result::Cancelled(_) => info!(task_id, "Task cancelled after {took:.1?}"),
+        }
+        let outcome = TaskOutcome {
+            task_id: task_id.to_owned(),
+            execution_id: execution_id.to_owned(),
+            result: Some(result),
+        };
+        state
+            .unacknowledged
+            .insert((task_id.to_owned(), execution_id.to_owned()), outcome.clone());
+        state.send(attach_request::Kind::Outcome(outcome));
+        drop(state);
+        self.changed.notify_waiters();
+    }
+
+    fn cancel(&self, task_id: &str, source: CancelSource) {
+        let mut state = self.lock();
+        match state.running.get_mut(task_id) {
+            Some(running) => {
+                running.source.get_or_insert(source);
+                info!(task_id, ?source, "Cancelling task");
+                running.cancel.cancel();
+            }
+            None => warn!(task_id, "Cancellation for a task that is not running here"),
+        }
+    }
+
+    /// Shutdown: stop taking tasks, cancel the running ones, wait for them to end and for
+    /// their outcomes to be acknowledged (each bounded).
+    async fn drain(&self) {
+        let task_ids: Vec<String> = {
+            let mut state = self.lock();
+            state.shutting_down = true;
+            state.running.keys().cloned().collect()
+        };
+        if !task_ids.is_empty() {
+            info!(count = task_ids.len(), "Cancelling running tasks for shutdown");
+        }
+        for task_id in &task_ids {
+            self.cancel(task_id, CancelSource::Shutdown);
+        }
+        self.wait_until(self.config.shutdown_grace, |state| state.running.is_empty())
+            .await;
+        let delivered = self
+            .wait_until(ACK_WAIT, |state| state.unacknowledged.is_empty() || state.link.is_none())
+            .await;
+        let pending = self.lock().unacknowledged.len();
+        if !delivered || pending > 0 {
+            warn!(pending, "Stopping with outcomes the gateway has not acknowledged");
+        }
+    }
+
+    async fn wait_until(&self, timeout: Duration, done: impl Fn(&NodeState) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.changed.notified();
+            if done(&self.lock()) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return done(&self.lock());
+            }
+        }
+    }
+}
+
+/// Turns a backend result into the outcome the gateway relays (spec §1.9, §3.6, §9.1).
+pub fn outcome_result(
+    result: Result<(), TaskFailure>,
+    source: Option<CancelSource>,
+) -> task_outcome::Result {
+    let failure = match result {
+        Ok(()) => return task_outcome::Result::Succeeded(v1::TaskSucceeded {}),
+        Err(failure) => failure,
+    };
+    if source == Some(CancelSource::User) {
+        return task_outcome::Result::Cancelled(v1::TaskCancelled {});
+    }
+    let mut reason = failure.reason;
+    if source == Some(CancelSource::Shutdown)
+        && (reason == FailureReason::TaskCancelled || failure.exit_code == 143)
+    {
+        reason = FailureReason::GracefulShutdown;
+    }
+    let message = match failure.reason {
+        FailureReason::TaskCancelled => oz::INTERRUPTED_MESSAGE.to_owned(),
+        FailureReason::TaskTimeout => oz::TIMEOUT_MESSAGE.to_owned(),
+        _ => oz::failed_to_execute_message(&failure.error),
+    };
+    task_outcome::Result::Failed(v1::TaskFailed {
+        failure_reason: reason.as_str().to_owned(),
+        exit_code: failure.exit_code,
+        message,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failed(result: task_outcome::Result) -> v1::TaskFailed {
+        match result {
+            task_outcome::Result::Failed(failed) => failed,
+            other => panic!("expected a failure, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn success_is_success_whatever_the_source() {
+        assert_eq!(
+            outcome_result(Ok(()), None),
+            task_outcome::Result::Succeeded(v1::TaskSucceeded {})
+        );
+    }
+
+    #[test]
+    fn user_cancellation_reports_cancelled() {
+        let failure = TaskFailure::new(FailureReason::TaskCancelled, "context canceled");
+        assert_eq!(
+            outcome_result(Err(failure), Some(CancelSource::User)),
+            task_outcome::Result::Cancelled(v1::TaskCancelled {})
+        );
+    }
+
+    #[test]
+    fn shutdown_cancellation_is_graceful_shutdown_with_the_interrupted_text() {
+        let failure = TaskFailure::new(FailureReason::TaskCancelled, "context canceled").with_exit_code(143);
+        let failed = failed(outcome_result(Err(failure), Some(CancelSource::Shutdown)));
+        assert_eq!(failed.failure_reason, "graceful_shutdown");
+        assert_eq!(failed.exit_code, 143);
+        assert_eq!(failed.message, oz::INTERRUPTED_MESSAGE);
+    }
+
+    #[test]
+    fn agent_exiting_143_during_shutdown_is_graceful_shutdown_with_its_own_text() {
+        let failure = TaskFailure::new(
+            FailureReason::AgentInvocation,
+            "oz agent exited with error: exit status 143",
+        )
+        .with_exit_code(143);
+        let failed = failed(outcome_result(Err(failure), Some(CancelSource::Shutdown)));
+        assert_eq!(failed.failure_reason, "graceful_shutdown");
+        assert_eq!(
+            failed.message,
+            "Failed to execute task: oz agent exited with error: exit status 143"
+        );
+    }
+
+    #[test]
+    fn plain_failures_keep_reason_code_and_backend_text() {
+        let failure = TaskFailure::new(
+            FailureReason::AgentInvocation,
+            "oz agent exited with error: exit status 3",
+        )
+        .with_exit_code(3);
+        let failed = failed(outcome_result(Err(failure), None));
+        assert_eq!(failed.failure_reason, "agent_invocation");
+        assert_eq!(failed.exit_code, 3);
+        assert_eq!(
+            failed.message,
+            "Failed to execute task: oz agent exited with error: exit status 3"
+        );
+    }
+
+    #[test]
+    fn cancellation_without_a_request_is_a_task_cancelled_failure() {
+        let failure = TaskFailure::new(FailureReason::TaskCancelled, "context canceled");
+        let failed = failed(outcome_result(Err(failure), None));
+        assert_eq!(failed.failure_reason, "task_cancelled");
+        assert_eq!(failed.message, oz::INTERRUPTED_MESSAGE);
+    }
+
+    #[test]
+    fn timeouts_use_the_deadline_text() {
+        let failure = TaskFailure::new(FailureReason::TaskTimeout, "deadline exceeded");
+        let failed = failed(outcome_result(Err(failure), None));
+        assert_eq!(failed.failure_reason, "task_timeout");
+        assert_eq!(failed.message, oz::TIMEOUT_MESSAGE);
+    }
+}

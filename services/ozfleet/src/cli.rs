@@ -1,0 +1,200 @@
+//! Command-line surface. Upstream (gateway) and node-side flags keep the names, env vars
+//! and defaults of `oz-agent-worker`, so its flag sets keep working.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ozfleet_proto::oz::{DEFAULT_SERVER_ROOT_URL, DEFAULT_WEB_SOCKET_URL};
+
+use crate::commands;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ozfleet",
+    version,
+    about = "Run Oz cloud agents on your own fleet: one gateway, many node agents."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Hold the one connection to Oz and schedule its tasks onto node agents.
+    Gateway(GatewayArgs),
+    /// Run tasks on this host for a gateway.
+    Agent(AgentArgs),
+    /// Serve a local Oz-compatible control plane (run API + worker WebSocket).
+    ControlPlane(ControlPlaneArgs),
+    /// Start a control plane, a gateway and a Direct node agent on loopback and run a demo.
+    Dev(DevArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogLevel {
+    Debug,
+    Info,
+    Warn,
+    Error,
+}
+
+impl LogLevel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GatewayArgs {
+    /// YAML config file in oz-agent-worker's schema (`worker_id`, `idle_on_complete` apply here).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    /// Oz API key.
+    #[arg(long, env = "WARP_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+    /// Worker id Oz routes runs by (`config.worker_host`); the `warp` prefix is reserved.
+    #[arg(long)]
+    pub worker_id: Option<String>,
+    #[arg(long, default_value = DEFAULT_WEB_SOCKET_URL, hide = true)]
+    pub web_socket_url: String,
+    #[arg(long, default_value = DEFAULT_SERVER_ROOT_URL, hide = true)]
+    pub server_root_url: String,
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+    /// Passed to `oz agent run --idle-on-complete` (e.g. `45m`) when the task sets none.
+    #[arg(long)]
+    pub idle_on_complete: Option<String>,
+    #[arg(long, hide = true)]
+    pub session_sharing_server_url: Option<String>,
+    /// Address node agents attach to.
+    #[arg(long, default_value = "127.0.0.1:7070")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub join_token: JoinTokenArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    /// File holding the shared secret node agents join with.
+    #[arg(long, conflicts_with = "join_token")]
+    pub join_token_file: Option<PathBuf>,
+    /// The shared secret node agents join with (prefer --join-token-file).
+    #[arg(long, env = "OZFLEET_JOIN_TOKEN", hide_env_values = true)]
+    pub join_token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// Gateway address.
+    #[arg(long, env = "OZFLEET_GATEWAY", default_value = "http://127.0.0.1:7070")]
+    pub gateway: String,
+    #[command(flatten)]
+    pub join_token: JoinTokenArgs,
+    /// Where the node keeps its identity.
+    #[arg(long, default_value = "/var/lib/ozfleet/agent")]
+    pub state_dir: PathBuf,
+    /// Display name (defaults to the host name).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// Label advertised to the gateway, `KEY=VALUE`; repeatable.
+    #[arg(long = "label", value_name = "KEY=VALUE")]
+    pub labels: Vec<String>,
+    /// YAML config file in oz-agent-worker's schema (`backend.*`, `cleanup`, …).
+    #[arg(long)]
+    pub config_file: Option<PathBuf>,
+    #[arg(long, value_parser = ["docker", "direct", "kubernetes", "command", ""])]
+    pub backend: Option<String>,
+    #[arg(long, default_value_t = 0)]
+    pub max_concurrent_tasks: i64,
+    /// Task env var `KEY=VALUE`, or `KEY` to copy this process's value; repeatable.
+    #[arg(short = 'e', long = "env", value_delimiter = ',')]
+    pub env: Vec<String>,
+    /// Docker volume `HOST:CONTAINER[:MODE]`; repeatable (Docker backend only).
+    #[arg(short = 'v', long = "volumes", value_delimiter = ',')]
+    pub volumes: Vec<String>,
+    /// Keep workspaces (and containers/Jobs) after tasks end.
+    #[arg(long)]
+    pub no_cleanup: bool,
+    /// Direct backend: run every task in this existing directory.
+    #[arg(long)]
+    pub target_dir: Option<PathBuf>,
+    /// Direct backend: the `oz` executable (default: `oz` on PATH).
+    #[arg(long)]
+    pub oz_path: Option<PathBuf>,
+    /// Direct backend: parent of per-task workspaces (default /var/lib/oz/workspaces).
+    #[arg(long)]
+    pub workspace_root: Option<PathBuf>,
+    #[arg(long)]
+    pub idle_on_complete: Option<String>,
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlPlaneArgs {
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+    /// API key clients and workers must present.
+    #[arg(long, env = "WARP_API_KEY", hide_env_values = true)]
+    pub api_key: String,
+    /// SQLite database holding the runs.
+    #[arg(long, default_value = "ozfleet-control-plane.db")]
+    pub database: PathBuf,
+    #[arg(long, value_enum, default_value_t = LogLevel::Info)]
+    pub log_level: LogLevel,
+}
+
+#[derive(Debug, Args)]
+pub struct DevArgs {
+    /// Where the control plane's HTTP API listens.
+    #[arg(long, default_value = "127.0.0.1:8765")]
+    pub listen: SocketAddr,
+    /// Stop after the demo runs instead of serving until Ctrl-C; exit status tells
+    /// whether they ended as expected.
+    #[arg(long)]
+    pub exit_after_demo: bool,
+    #[arg(long, value_enum, default_value_t = LogLevel::Warn)]
+    pub log_level: LogLevel,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let log_level = match &cli.command {
+        Command::Gateway(args) => args.log_level,
+        Command::Agent(args) => args.log_level,
+        Command::ControlPlane(args) => args.log_level,
+        Command::Dev(args) => args.log_level,
+    };
+    crate::runtime::init_logging(log_level.as_str());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("ozfleet: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Gateway(args) => commands::gateway::run(args).await,
+            Command::Agent(args) => commands::agent::run(args).await,
+            Command::ControlPlane(args) => commands::control_plane::run(args).await,
+            Command::Dev(args) => commands::dev::run(args).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("ozfleet: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

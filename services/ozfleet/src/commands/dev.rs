@@ -1,0 +1,359 @@
+//! `ozfleet dev`: the whole path on loopback in one process (local control plane →
+//! gateway → Direct node agent running the demo agent), with three demo runs that show
+//! success, failure and cancellation.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ozfleet_agent::NodeConfig;
+use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig};
+use ozfleet_control_plane::ControlPlaneConfig;
+use ozfleet_gateway::{FleetTimings, GatewayConfig, JoinToken, Keepalive, UpstreamConfig};
+use ozfleet_proto::oz::WORKER_WEB_SOCKET_PATH;
+use ozfleet_proto::v1::UpstreamSettings;
+use serde_json::{Value, json};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::DevArgs;
+use crate::runtime::shutdown_on_signal;
+
+const API_KEY: &str = "ozfleet-dev-key";
+const WORKER_ID: &str = "ozfleet-dev";
+const DEMO_AGENT: &str = "oz-demo-agent";
+const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
+const TERMINAL_STATES: [&str; 4] = ["SUCCEEDED", "FAILED", "CANCELLED", "ERROR"];
+
+struct Stack {
+    control_plane: Part,
+    gateway: Part,
+    agent: Part,
+}
+
+struct Part {
+    stop: CancellationToken,
+    task: JoinHandle<anyhow::Result<()>>,
+}
+
+impl Part {
+    fn spawn(
+        start: impl FnOnce(CancellationToken) -> JoinHandle<anyhow::Result<()>>,
+    ) -> Self {
+        let stop = CancellationToken::new();
+        let task = start(stop.clone());
+        Self { stop, task }
+    }
+
+    async fn stop(self, name: &str) {
+        self.stop.cancel();
+        match self.task.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => eprintln!("{name} stopped with an error: {error:#}"),
+            Err(error) => eprintln!("{name} task failed: {error}"),
+        }
+    }
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let shutdown = shutdown_on_signal();
+    let demo_agent = demo_agent_path()?;
+    let workdir = tempfile::Builder::new()
+        .prefix("ozfleet-dev-")
+        .tempdir()
+        .context("cannot create a working directory")?;
+    let stack = start(&args, workdir.path(), &demo_agent).await?;
+    let base_url = format!("http://{}", args.listen);
+    let api = Api::new(&base_url);
+
+    println!("ozfleet dev stack is up:");
+    println!("  control plane  {base_url}  (API key: {API_KEY})");
+    println!("  gateway        worker id {WORKER_ID:?}, one outbound WebSocket to the control plane");
+    println!("  node agent     Direct backend, oz_path = {}", demo_agent.display());
+    println!("  working dir    {}", workdir.path().display());
+    println!();
+
+    let demos_ok = tokio::select! {
+        result = run_demos(&api) => result?,
+        () = shutdown.cancelled() => false,
+    };
+
+    if !args.exit_after_demo && !shutdown.is_cancelled() {
+        print_examples(&base_url);
+        shutdown.cancelled().await;
+    }
+    println!("Shutting down…");
+    stack.agent.stop("node agent").await;
+    stack.gateway.stop("gateway").await;
+    stack.control_plane.stop("control plane").await;
+    Ok(if demos_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// The demo agent ships next to the `ozfleet` binary (same cargo build).
+fn demo_agent_path() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("cannot locate the ozfleet executable")?;
+    let path = exe.with_file_name(DEMO_AGENT);
+    if !path.is_file() {
+        bail!(
+            "{} not found; build it with `cargo build --release` (it is part of the ozfleet package)",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Result<Stack> {
+    let http_listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (pass --listen to pick another address)", args.listen))?;
+    let node_listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let gateway_address = node_listener.local_addr()?;
+    // A fresh secret per dev session; nodes of other sessions cannot join this one.
+    let join_token = uuid::Uuid::new_v4().simple().to_string();
+
+    let control_plane_config = ControlPlaneConfig {
+        api_key: API_KEY.into(),
+        database_path: workdir.join("control-plane.db"),
+        reoffer_delay: Duration::from_secs(1),
+    };
+    let control_plane = Part::spawn(|stop| {
+        tokio::spawn(async move {
+            ozfleet_control_plane::run(http_listener, control_plane_config, stop).await
+        })
+    });
+
+    let gateway_config = GatewayConfig {
+        upstream: UpstreamConfig {
+            web_socket_url: format!("ws://{}{WORKER_WEB_SOCKET_PATH}", args.listen),
+            api_key: API_KEY.into(),
+            worker_id: WORKER_ID.into(),
+            keepalive: Keepalive::default(),
+        },
+        settings: UpstreamSettings {
+            server_root_url: format!("http://{}", args.listen),
+            idle_on_complete: String::new(),
+            session_sharing_server_url: String::new(),
+            worker_id: WORKER_ID.into(),
+        },
+        join_token: JoinToken::new(join_token.clone())?,
+        timings: FleetTimings::default(),
+    };
+    let gateway = Part::spawn(|stop| {
+        tokio::spawn(async move {
+            ozfleet_gateway::run(node_listener, gateway_config, stop)
+                .await
+                .map_err(anyhow::Error::from)
+        })
+    });
+
+    let backend = Backend::Direct(DirectBackend::new(DirectConfig {
+        workspace_root: workdir.join("workspaces"),
+        target_dir: None,
+        oz_path: Some(demo_agent.to_owned()),
+        setup_command: None,
+        teardown_command: None,
+        environment: Vec::new(),
+        cleanup: true,
+        cancel_grace: Duration::from_secs(5),
+    })?);
+    let node_config = NodeConfig {
+        gateway_url: format!("http://{gateway_address}"),
+        join_token,
+        state_dir: workdir.join("agent-state"),
+        node_name: "dev-node".into(),
+        labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
+        max_concurrent_tasks: 4,
+        idle_on_complete: None,
+        shutdown_grace: Duration::from_secs(10),
+    };
+    let agent = Part::spawn(|stop| tokio::spawn(ozfleet_agent::run(node_config, backend, stop)));
+    Ok(Stack {
+        control_plane,
+        gateway,
+        agent,
+    })
+}
+
+/// Runs the three demos; true when each ended as expected.
+async fn run_demos(api: &Api) -> anyhow::Result<bool> {
+    let mut all_ok = true;
+
+    println!("Demo 1/3: a run that succeeds");
+    let run = api.create("Say hello from ozfleet").await?;
+    let item = follow(api, &run, None).await?;
+    all_ok &= expect_state(&item, "SUCCEEDED");
+
+    println!("\nDemo 2/3: a run whose prompt asks the agent to fail with exit code 3");
+    let run = api.create("Please fail with exit 3").await?;
+    let item = follow(api, &run, None).await?;
+    all_ok &= expect_state(&item, "FAILED");
+    println!(
+        "  failure_reason = {}, exit_code = {}, message = {}",
+        item["failure_reason"], item["exit_code"], item["status_message"]["message"]
+    );
+
+    println!("\nDemo 3/3: a long run, cancelled once it is in progress");
+    let run = api.create("Sleep 300 seconds, then finish").await?;
+    let item = follow(api, &run, Some("INPROGRESS")).await?;
+    if item["state"] == "INPROGRESS" {
+        println!("  POST /api/v1/agent/runs/{run}/cancel");
+        api.cancel(&run).await?;
+        let item = follow(api, &run, None).await?;
+        all_ok &= expect_state(&item, "CANCELLED");
+        let left = processes_of_run(&run);
+        if left.is_empty() {
+            println!("  no process of run {run} is left");
+        } else {
+            println!("  processes of run {run} still alive: {left:?}");
+            all_ok = false;
+        }
+    } else {
+        all_ok = false;
+    }
+    println!();
+    println!(
+        "{}",
+        if all_ok {
+            "All demo runs ended as expected."
+        } else {
+            "Some demo runs did not end as expected (see above)."
+        }
+    );
+    Ok(all_ok)
+}
+
+fn expect_state(item: &Value, expected: &str) -> bool {
+    let ok = item["state"] == expected;
+    if !ok {
+        println!("  expected {expected}, got {}", item["state"]);
+    }
+    ok
+}
+
+/// Polls the run, printing each state change, until it is terminal or reaches `until`.
+async fn follow(api: &Api, run_id: &str, until: Option<&str>) -> anyhow::Result<Value> {
+    let started = Instant::now();
+    let mut seen = String::new();
+    loop {
+        let item = api.get(run_id).await?;
+        let state = item["state"].as_str().unwrap_or("?").to_owned();
+        if state != seen {
+            println!("  {run_id}  {state:<10} +{:.2}s", started.elapsed().as_secs_f64());
+            seen = state.clone();
+        }
+        if TERMINAL_STATES.contains(&state.as_str()) || until == Some(state.as_str()) {
+            return Ok(item);
+        }
+        if started.elapsed() > DEMO_TIMEOUT {
+            println!("  gave up waiting after {DEMO_TIMEOUT:?}");
+            return Ok(item);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Processes whose environment names this run (`TASK_ID=<run>`): the agent and anything
+/// it started.
+fn processes_of_run(run_id: &str) -> Vec<u32> {
+    let marker = format!("TASK_ID={run_id}");
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|byte| *byte == 0)
+                    .any(|var| var == marker.as_bytes())
+            })
+        })
+        .collect()
+}
+
+fn print_examples(base_url: &str) {
+    let auth = format!("-H 'Authorization: Bearer {API_KEY}'");
+    println!("The stack keeps serving; press Ctrl-C to stop. Try:");
+    println!();
+    println!("  # submit a run (prompts containing \"fail\", \"exit N\" or \"sleep N\" steer the demo agent)");
+    println!(
+        "  curl -s {auth} -H 'Content-Type: application/json' \\\n    -d '{{\"prompt\":\"Say hello\",\"config\":{{\"worker_host\":\"{WORKER_ID}\"}}}}' \\\n    {base_url}/api/v1/agent/runs"
+    );
+    println!("  # list the latest runs, or only failed ones");
+    println!("  curl -s {auth} '{base_url}/api/v1/agent/runs?limit=5'");
+    println!("  curl -s {auth} '{base_url}/api/v1/agent/runs?state=FAILED'");
+    println!("  # one run, and cancelling it");
+    println!("  curl -s {auth} {base_url}/api/v1/agent/runs/RUN_ID");
+    println!("  curl -s -X POST {auth} {base_url}/api/v1/agent/runs/RUN_ID/cancel");
+    println!();
+}
+
+/// A small blocking client of the control plane's run API, driven from the runtime's
+/// blocking pool.
+#[derive(Clone)]
+struct Api {
+    base_url: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    fn new(base_url: &str) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        Self {
+            base_url: base_url.to_owned(),
+            agent,
+        }
+    }
+
+    async fn call(&self, method: &'static str, path: String, body: Option<Value>) -> anyhow::Result<Value> {
+        let api = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let url = format!("{}{path}", api.base_url);
+            let auth = format!("Bearer {API_KEY}");
+            let mut response = match (method, body) {
+                ("GET", _) => api.agent.get(&url).header("Authorization", &auth).call(),
+                (_, Some(body)) => api.agent.post(&url).header("Authorization", &auth).send_json(body),
+                (_, None) => api.agent.post(&url).header("Authorization", &auth).send_empty(),
+            }
+            .with_context(|| format!("{method} {url}"))?;
+            let status = response.status();
+            let value: Value = response
+                .body_mut()
+                .read_json()
+                .with_context(|| format!("{method} {url}: response is not JSON"))?;
+            if !status.is_success() {
+                bail!("{method} {url}: HTTP {status}: {value}");
+            }
+            Ok(value)
+        })
+        .await?
+    }
+
+    async fn create(&self, prompt: &str) -> anyhow::Result<String> {
+        let body = json!({ "prompt": prompt, "title": prompt, "config": { "worker_host": WORKER_ID } });
+        let created = self.call("POST", "/api/v1/agent/runs".into(), Some(body)).await?;
+        let run_id = created["run_id"].as_str().context("no run_id in the response")?;
+        println!("  POST /api/v1/agent/runs {{\"prompt\": {prompt:?}}} → run {run_id}");
+        Ok(run_id.to_owned())
+    }
+
+    async fn get(&self, run_id: &str) -> anyhow::Result<Value> {
+        self.call("GET", format!("/api/v1/agent/runs/{run_id}"), None).await
+    }
+
+    async fn cancel(&self, run_id: &str) -> anyhow::Result<Value> {
+        self.call("POST", format!("/api/v1/agent/runs/{run_id}/cancel"), None).await
+    }
+}

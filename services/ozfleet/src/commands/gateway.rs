@@ -1,0 +1,53 @@
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use ozfleet_gateway::{FleetTimings, GatewayConfig, JoinToken, Keepalive, UpstreamConfig};
+use ozfleet_proto::v1::UpstreamSettings;
+use ozfleet_worker_config::{FileConfig, WorkerFlags, merge};
+
+use crate::cli::GatewayArgs;
+use crate::runtime::shutdown_on_signal;
+
+pub async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
+    let config = config(&args)?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    ozfleet_gateway::run(listener, config, shutdown_on_signal()).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
+    if args.api_key.trim().is_empty() {
+        bail!("--api-key (or WARP_API_KEY) is empty");
+    }
+    let file = args.config_file.as_deref().map(FileConfig::load).transpose()?;
+    let flags = WorkerFlags {
+        backend: None,
+        worker_id: args.worker_id.clone(),
+        target_dir: None,
+        no_cleanup: false,
+        env: Vec::new(),
+        volumes: Vec::new(),
+        max_concurrent_tasks: 0,
+        idle_on_complete: args.idle_on_complete.clone(),
+    };
+    let merged = merge(flags, file, &super::process_env)?;
+    let worker_id = merged.require_worker_id()?.to_owned();
+    Ok(GatewayConfig {
+        upstream: UpstreamConfig {
+            web_socket_url: args.web_socket_url.clone(),
+            api_key: args.api_key.clone(),
+            worker_id: worker_id.clone(),
+            keepalive: Keepalive::default(),
+        },
+        settings: UpstreamSettings {
+            server_root_url: args.server_root_url.clone(),
+            idle_on_complete: merged.idle_on_complete.unwrap_or_default(),
+            session_sharing_server_url: args.session_sharing_server_url.clone().unwrap_or_default(),
+            worker_id,
+        },
+        join_token: JoinToken::new(super::join_token(&args.join_token)?)?,
+        timings: FleetTimings::default(),
+    })
+}

@@ -1,0 +1,7 @@
+//! The `ozfleet` binary: each subcommand wires one part of ozfleet (see the README).
+
+mod cli;
+mod commands;
+mod runtime;
+
+pub use cli::main;
