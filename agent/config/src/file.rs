@@ -228,7 +228,8 @@ pub enum ValidationError {
     },
 }
 
-struct Issues<'a>(&'a [ValidationError]);
+/// Displays issues joined by `; `, as the reference does.
+pub(crate) struct Issues<'a>(pub(crate) &'a [ValidationError]);
 
 impl fmt::Display for Issues<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -272,6 +273,16 @@ impl FileConfig {
     /// violation in the reference's order (fields first, then the
     /// one-backend rule).
     pub fn validate(&self) -> Result<(), ConfigError> {
+        let issues = self.validation_issues();
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(issues))
+        }
+    }
+
+    /// Every broken rule, in the order [`FileConfig::validate`] reports them.
+    pub fn validation_issues(&self) -> Vec<ValidationError> {
         let mut issues = Vec::new();
         let backend = &self.backend;
         if let Some(docker) = &backend.docker {
@@ -307,12 +318,7 @@ impl FileConfig {
         if present.into_iter().filter(|p| *p).count() > 1 {
             issues.push(ValidationError::MultipleBackends);
         }
-
-        if issues.is_empty() {
-            Ok(())
-        } else {
-            Err(ConfigError::Invalid(issues))
-        }
+        issues
     }
 }
 

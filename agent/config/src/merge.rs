@@ -6,7 +6,10 @@ use std::{fmt, path::PathBuf};
 use crate::{
     duration::{DurationError, parse_go_duration},
     env::{EnvEntry, EnvFlagError, EnvNames, overlay_env, parse_env_flag, resolve_env},
-    file::{BackendConfig, CommandConfig, DirectConfig, FileConfig, KubernetesConfig},
+    file::{
+        BackendConfig, CommandConfig, DirectConfig, FileConfig, Issues, KubernetesConfig,
+        ValidationError,
+    },
     quantity::{Quantity, QuantityError},
     quote::strconv_quote,
     raw,
@@ -195,6 +198,10 @@ pub enum MergeError {
     /// The ID starts with `warp` (case-sensitive), which the server reserves.
     #[error("invalid worker-id: values starting with 'warp' are reserved and cannot be used")]
     ReservedWorkerId,
+    /// The config file breaks a rule. [`FileConfig::load`] already rejects
+    /// such files; this covers a `FileConfig` built or edited in code.
+    #[error("invalid config: {}", Issues(.0))]
+    InvalidConfig(Vec<ValidationError>),
     /// `--backend` is not a known backend.
     #[error(
         "invalid --backend {}: must be one of docker, direct, kubernetes, command",
@@ -261,7 +268,8 @@ pub fn validate_worker_id(id: &str) -> Result<(), MergeError> {
     }
 }
 
-/// Merges flags with an optional, already validated config file.
+/// Merges flags with an optional config file (validated again here, so a
+/// `FileConfig` built in code gets the same checks as a loaded one).
 ///
 /// `lookup_env` supplies the worker's environment for inherited entries
 /// (`--env KEY`, `environment` items without `value`); pass
@@ -275,6 +283,10 @@ pub fn merge(
     lookup_env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<MergedConfig, MergeError> {
     let file = file.unwrap_or_default();
+    let issues = file.validation_issues();
+    if !issues.is_empty() {
+        return Err(MergeError::InvalidConfig(issues));
+    }
 
     let worker_id = flags
         .worker_id
@@ -424,7 +436,7 @@ fn kubernetes_settings(
         namespace: non_empty(config.namespace).unwrap_or_else(|| DEFAULT_NAMESPACE.into()),
         kubeconfig: non_empty(config.kubeconfig).map(PathBuf::from),
         default_image: non_empty(config.default_image),
-        // The file was validated, so an unknown spelling cannot get here.
+        // Validated at the top of `merge`: only "" (unset) falls back.
         image_pull_policy: ImagePullPolicy::from_name(&config.image_pull_policy)
             .unwrap_or_default(),
         use_image_volumes: config.use_image_volumes,

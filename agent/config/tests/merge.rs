@@ -476,7 +476,7 @@ fn env_flag_errors() {
 
 #[test]
 fn backend_precedence() {
-    let cases: [(Option<&str>, Option<&str>, BackendName, BackendSource, &str); 8] = [
+    let cases = [
         (None, None, BackendName::Docker, BackendSource::Default, ""),
         (
             Some(""),
@@ -696,4 +696,18 @@ fn debug_output_hides_env_values() {
         "{shown}"
     );
     assert!(!shown.contains("s3cret"), "{shown}");
+}
+
+#[test]
+fn hand_built_file_config_is_validated() {
+    let mut config = FileConfig::default();
+    config.backend.kubernetes = Some(ozfleet_worker_config::KubernetesConfig {
+        image_pull_policy: "Sometimes".into(),
+        ..Default::default()
+    });
+    let err = merge(flags(), Some(config), &host_env).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        r#"invalid config: FileConfig.Backend.Kubernetes.ImagePullPolicy failed validation "oneof""#
+    );
 }

@@ -913,6 +913,10 @@ mod tests {
         assert_eq!(go_exit_text(exited), "exit status 3");
         assert_eq!(exit_code(exited), 3);
 
+        let exited_143 = ExitStatus::from_raw(143 << 8);
+        assert_eq!(go_exit_text(exited_143), "exit status 143");
+        assert_eq!(exit_code(exited_143), 143);
+
         let terminated = ExitStatus::from_raw(libc::SIGTERM);
         assert_eq!(go_exit_text(terminated), "signal: terminated");
         assert_eq!(exit_code(terminated), 143);

@@ -1,0 +1,300 @@
+//! Harness for end-to-end tests: real `ozfleet` processes on loopback, driven through the
+//! control plane's HTTP API.
+
+use std::fs::File;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+pub const API_KEY: &str = "e2e-api-key";
+pub const JOIN_TOKEN: &str = "e2e-join-token";
+pub const WORKER_ID: &str = "e2e-worker";
+
+pub fn ozfleet() -> &'static str {
+    env!("CARGO_BIN_EXE_ozfleet")
+}
+
+pub fn demo_agent() -> &'static str {
+    env!("CARGO_BIN_EXE_oz-demo-agent")
+}
+
+/// A free loopback port. The small window between releasing it and the child binding it
+/// is acceptable on a test machine.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `condition` until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if condition() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// A child process whose stderr (logs) goes to a file; killed when dropped.
+pub struct Proc {
+    pub name: String,
+    child: Child,
+    log_path: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(name: &str, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Self {
+        let log_path = dir.join(format!("{name}.log"));
+        let log = File::create(&log_path).expect("log file");
+        let mut command = Command::new(ozfleet());
+        command
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("WARP_API_KEY")
+            .env_remove("OZFLEET_JOIN_TOKEN")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log);
+        let child = command.spawn().unwrap_or_else(|error| panic!("spawn {name}: {error}"));
+        Self {
+            name: name.into(),
+            child,
+            log_path,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
+        wait_until(timeout, &format!("{needle:?} in the log of {}", self.name), || {
+            self.log().contains(needle)
+        });
+    }
+
+    /// SIGKILL, like a crash or `kill -9`.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid(), libc::SIGTERM) };
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        None
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.kill();
+        }
+    }
+}
+
+/// The run API of a control plane.
+pub struct Api {
+    base_url: String,
+    agent: ureq::Agent,
+}
+
+impl Api {
+    pub fn new(port: u16) -> Self {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build()
+            .into();
+        Self {
+            base_url: format!("http://127.0.0.1:{port}"),
+            agent,
+        }
+    }
+
+    pub fn is_up(&self) -> bool {
+        self.agent
+            .get(format!("{}/api/v1/agent/runs?limit=1", self.base_url))
+            .header("Authorization", &format!("Bearer {API_KEY}"))
+            .call()
+            .is_ok_and(|response| response.status().is_success())
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{path}", self.base_url);
+        let auth = format!("Bearer {API_KEY}");
+        let result = match (method, body) {
+            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
+            (_, Some(body)) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_json(body),
+            (_, None) => self
+                .agent
+                .post(&url)
+                .header("Authorization", &auth)
+                .send_empty(),
+        };
+        let mut response = result.unwrap_or_else(|error| panic!("{method} {url}: {error}"));
+        let status = response.status().as_u16();
+        let value = response.body_mut().read_json().unwrap_or(Value::Null);
+        (status, value)
+    }
+
+    pub fn create(&self, prompt: &str) -> String {
+        let (status, body) = self.call(
+            "POST",
+            "/api/v1/agent/runs",
+            Some(json!({ "prompt": prompt, "config": { "worker_host": WORKER_ID } })),
+        );
+        assert_eq!(status, 200, "create run: {body}");
+        body["run_id"].as_str().expect("run_id").to_owned()
+    }
+
+    pub fn get(&self, run_id: &str) -> Value {
+        let (status, body) = self.call("GET", &format!("/api/v1/agent/runs/{run_id}"), None);
+        assert_eq!(status, 200, "get run {run_id}: {body}");
+        body
+    }
+
+    pub fn cancel(&self, run_id: &str) -> (u16, Value) {
+        self.call("POST", &format!("/api/v1/agent/runs/{run_id}/cancel"), None)
+    }
+
+    pub fn wait_for_state(&self, run_id: &str, state: &str, timeout: Duration) -> Value {
+        let mut last = Value::Null;
+        wait_until(timeout, &format!("run {run_id} to be {state}"), || {
+            last = self.get(run_id);
+            last["state"] == state
+        });
+        last
+    }
+}
+
+/// A control plane plus a gateway attached to it, in `dir`.
+pub struct Stack {
+    pub dir: tempfile::TempDir,
+    pub control_plane: Proc,
+    pub gateway: Proc,
+    pub gateway_port: u16,
+    pub http_port: u16,
+    pub api: Api,
+}
+
+impl Stack {
+    pub fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let http_port = free_port();
+        let control_plane = Proc::spawn(
+            "control-plane",
+            dir.path(),
+            &[
+                "control-plane",
+                "--listen",
+                &format!("127.0.0.1:{http_port}"),
+                "--database",
+                dir.path().join("runs.db").to_str().unwrap(),
+            ],
+            &[("WARP_API_KEY", API_KEY)],
+        );
+        let api = Api::new(http_port);
+        wait_until(Duration::from_secs(20), "the control plane to serve", || api.is_up());
+
+        let gateway_port = free_port();
+        let gateway = Proc::spawn(
+            "gateway",
+            dir.path(),
+            &[
+                "gateway",
+                "--worker-id",
+                WORKER_ID,
+                "--web-socket-url",
+                &format!("ws://127.0.0.1:{http_port}/api/v1/selfhosted/worker/ws"),
+                "--server-root-url",
+                &format!("http://127.0.0.1:{http_port}"),
+                "--listen",
+                &format!("127.0.0.1:{gateway_port}"),
+            ],
+            &[("WARP_API_KEY", API_KEY), ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)],
+        );
+        gateway.wait_for_log("Connected to Oz", Duration::from_secs(20));
+        Self {
+            dir,
+            control_plane,
+            gateway,
+            gateway_port,
+            http_port,
+            api,
+        }
+    }
+
+    /// Starts a Direct node agent named `name` running the demo agent; waits until the
+    /// gateway has it attached.
+    pub fn agent(&self, name: &str, extra: &[&str]) -> Proc {
+        let state_dir = self.dir.path().join(format!("{name}-state"));
+        let workspaces = self.dir.path().join(format!("{name}-workspaces"));
+        let gateway = format!("http://127.0.0.1:{}", self.gateway_port);
+        let mut args = vec![
+            "agent",
+            "--backend",
+            "direct",
+            "--gateway",
+            &gateway,
+            "--name",
+            name,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--workspace-root",
+            workspaces.to_str().unwrap(),
+            "--oz-path",
+            demo_agent(),
+        ];
+        args.extend_from_slice(extra);
+        let attached_before = self.gateway.log().matches("Node attached").count();
+        let agent = Proc::spawn(name, self.dir.path(), &args, &[("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)]);
+        wait_until(Duration::from_secs(20), &format!("{name} to attach"), || {
+            self.gateway.log().matches("Node attached").count() > attached_before
+        });
+        agent
+    }
+}
+
+/// Pids of processes whose environment holds `TASK_ID=<run_id>`: the agent process of
+/// that run and everything it started.
+pub fn processes_of_run(run_id: &str) -> Vec<u32> {
+    let marker = format!("TASK_ID={run_id}");
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
+                environ
+                    .split(|byte| *byte == 0)
+                    .any(|var| var == marker.as_bytes())
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,215 @@
+//! End to end: a real control plane, gateway and node agents, each its own `ozfleet`
+//! process on loopback, driven through the control plane's run API.
+
+mod common;
+
+use std::collections::HashSet;
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Stack, free_port, processes_of_run};
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The task ids an agent's log says it accepted.
+fn accepted_task_ids(log: &str) -> HashSet<String> {
+    log.lines()
+        .filter(|line| line.contains("Task accepted"))
+        .filter_map(|line| {
+            let start = line.find("task_id=")? + "task_id=".len();
+            let rest = line[start..].trim_start_matches('"');
+            let end = rest.find(|c: char| c == '"' || c.is_whitespace())?;
+            Some(rest[..end].to_owned())
+        })
+        .collect()
+}
+
+#[test]
+fn twenty_runs_are_spread_over_two_agents_and_all_succeed() {
+    let stack = Stack::start();
+    let agent_a = stack.agent("agent-a", &[]);
+    let agent_b = stack.agent("agent-b", &[]);
+
+    let runs: Vec<String> = (0..20)
+        .map(|i| stack.api.create(&format!("Say hello, run {i}")))
+        .collect();
+    for run in &runs {
+        stack.api.wait_for_state(run, "SUCCEEDED", RUN_TIMEOUT);
+    }
+
+    let on_a = accepted_task_ids(&agent_a.log());
+    let on_b = accepted_task_ids(&agent_b.log());
+    let all: HashSet<String> = runs.iter().cloned().collect();
+    assert!(!on_a.is_empty() && !on_b.is_empty(), "a: {on_a:?}\nb: {on_b:?}");
+    assert!(on_a.is_disjoint(&on_b), "a run executed on both agents");
+    assert_eq!(&on_a | &on_b, all, "every run ran on exactly one agent");
+    assert!(
+        on_a.len() >= 5 && on_b.len() >= 5,
+        "runs should be spread, got {} / {}",
+        on_a.len(),
+        on_b.len()
+    );
+}
+
+#[test]
+fn with_both_agents_full_the_third_run_is_rejected_upstream_and_completes_later() {
+    let stack = Stack::start();
+    let _agent_a = stack.agent("agent-a", &["--max-concurrent-tasks", "1"]);
+    let _agent_b = stack.agent("agent-b", &["--max-concurrent-tasks", "1"]);
+
+    let runs: Vec<String> = (0..3)
+        .map(|i| stack.api.create(&format!("Sleep 2 seconds, run {i}")))
+        .collect();
+    stack
+        .gateway
+        .wait_for_log("No node can take the task; rejecting it", RUN_TIMEOUT);
+    for run in &runs {
+        stack.api.wait_for_state(run, "SUCCEEDED", RUN_TIMEOUT);
+    }
+    let rejected_runs: Vec<&String> = runs
+        .iter()
+        .filter(|run| {
+            stack.gateway.log().lines().any(|line| {
+                line.contains("No node can take the task") && line.contains(run.as_str())
+            })
+        })
+        .collect();
+    assert!(!rejected_runs.is_empty(), "{}", stack.gateway.log());
+}
+
+#[test]
+fn failed_runs_carry_reason_and_exit_code_and_cancelled_runs_leave_no_process() {
+    let stack = Stack::start();
+    let _agent = stack.agent("agent-a", &[]);
+
+    let failing = stack.api.create("Please fail with exit 3");
+    let item = stack.api.wait_for_state(&failing, "FAILED", RUN_TIMEOUT);
+    assert_eq!(item["failure_reason"], "agent_invocation", "{item}");
+    assert_eq!(item["exit_code"], 3, "{item}");
+    assert_eq!(
+        item["status_message"]["message"],
+        "Failed to execute task: oz agent exited with error: exit status 3",
+        "{item}"
+    );
+
+    let long = stack.api.create("Sleep 300 seconds");
+    stack.api.wait_for_state(&long, "INPROGRESS", RUN_TIMEOUT);
+    common::wait_until(Duration::from_secs(10), "the sleep child to start", || {
+        processes_of_run(&long).len() >= 2
+    });
+    let (status, body) = stack.api.cancel(&long);
+    assert_eq!(status, 200, "{body}");
+    stack.api.wait_for_state(&long, "CANCELLED", Duration::from_secs(20));
+    assert_eq!(processes_of_run(&long), Vec::<u32>::new());
+
+    let (status, body) = stack.api.cancel(&long);
+    assert_eq!(status, 400, "cancelling a terminal run: {body}");
+}
+
+#[test]
+fn a_killed_agent_comes_back_with_the_same_node_identity() {
+    let stack = Stack::start();
+    let mut agent = stack.agent("agent-a", &[]);
+    let state_file = stack.dir.path().join("agent-a-state").join("node-id");
+    let node_id = std::fs::read_to_string(&state_file).expect("node-id file").trim().to_owned();
+    assert!(stack.gateway.log().contains(&node_id), "{}", stack.gateway.log());
+
+    agent.kill();
+    stack
+        .gateway
+        .wait_for_log("Node disconnected", Duration::from_secs(20));
+    let _agent = stack.agent("agent-a", &[]);
+    let attaches = stack
+        .gateway
+        .log()
+        .lines()
+        .filter(|line| line.contains("Node attached") && line.contains(&node_id))
+        .count();
+    assert_eq!(attaches, 2, "{}", stack.gateway.log());
+    let after = std::fs::read_to_string(&state_file).unwrap();
+    assert_eq!(after.trim(), node_id);
+
+    let run = stack.api.create("Say hello after the restart");
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+}
+
+#[test]
+fn runs_survive_a_control_plane_restart() {
+    let mut stack = Stack::start();
+    let run = stack.api.create("Say hello");
+    // No agent yet: the run stays queued.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(stack.api.get(&run)["state"], "QUEUED");
+    stack
+        .control_plane
+        .terminate(Duration::from_secs(10))
+        .expect("control plane exits on SIGTERM");
+
+    let port = stack.http_port;
+    stack.control_plane = common::Proc::spawn(
+        "control-plane-2",
+        stack.dir.path(),
+        &[
+            "control-plane",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--database",
+            stack.dir.path().join("runs.db").to_str().unwrap(),
+        ],
+        &[("WARP_API_KEY", common::API_KEY)],
+    );
+    common::wait_until(Duration::from_secs(20), "the control plane to return", || {
+        stack.api.is_up()
+    });
+    assert_eq!(stack.api.get(&run)["state"], "QUEUED");
+    let _agent = stack.agent("agent-a", &[]);
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+}
+
+#[test]
+fn dev_runs_the_three_demos_to_their_expected_ends() {
+    let port = free_port();
+    let output = Command::new(common::ozfleet())
+        .args(["dev", "--exit-after-demo", "--listen", &format!("127.0.0.1:{port}")])
+        .output()
+        .expect("run ozfleet dev");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("All demo runs ended as expected."), "{stdout}");
+    assert!(stdout.contains("SUCCEEDED") && stdout.contains("FAILED") && stdout.contains("CANCELLED"));
+    assert!(stdout.contains("failure_reason = \"agent_invocation\", exit_code = 3"), "{stdout}");
+}
+
+#[test]
+fn bad_configuration_fails_fast_with_a_clear_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("worker.yaml");
+    std::fs::write(&config, "worker_id: edge\nbackend:\n  direct:\n    bogus_key: 1\n").unwrap();
+    let output = Command::new(common::ozfleet())
+        .args(["agent", "--config-file", config.to_str().unwrap(), "--join-token", "t"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("failed to parse config file"), "{stderr}");
+    assert!(stderr.contains("bogus_key"), "{stderr}");
+
+    let output = Command::new(common::ozfleet())
+        .args(["gateway", "--worker-id", "warp-1", "--api-key", "k", "--join-token", "t"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid worker-id: values starting with 'warp' are reserved and cannot be used"),
+        "{stderr}"
+    );
+
+    let output = Command::new(common::ozfleet())
+        .args(["gateway", "--worker-id", "edge", "--join-token", "t"])
+        .env_remove("WARP_API_KEY")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("--api-key"));
+}
