@@ -40,7 +40,10 @@ fn twenty_runs_are_spread_over_two_agents_and_all_succeed() {
     let on_a = accepted_task_ids(&agent_a.log());
     let on_b = accepted_task_ids(&agent_b.log());
     let all: HashSet<String> = runs.iter().cloned().collect();
-    assert!(!on_a.is_empty() && !on_b.is_empty(), "a: {on_a:?}\nb: {on_b:?}");
+    assert!(
+        !on_a.is_empty() && !on_b.is_empty(),
+        "a: {on_a:?}\nb: {on_b:?}"
+    );
     assert!(on_a.is_disjoint(&on_b), "a run executed on both agents");
     assert_eq!(&on_a | &on_b, all, "every run ran on exactly one agent");
     assert!(
@@ -99,7 +102,9 @@ fn failed_runs_carry_reason_and_exit_code_and_cancelled_runs_leave_no_process() 
     });
     let (status, body) = stack.api.cancel(&long);
     assert_eq!(status, 200, "{body}");
-    stack.api.wait_for_state(&long, "CANCELLED", Duration::from_secs(20));
+    stack
+        .api
+        .wait_for_state(&long, "CANCELLED", Duration::from_secs(20));
     assert_eq!(processes_of_run(&long), Vec::<u32>::new());
 
     let (status, body) = stack.api.cancel(&long);
@@ -111,8 +116,15 @@ fn a_killed_agent_comes_back_with_the_same_node_identity() {
     let stack = Stack::start();
     let mut agent = stack.agent("agent-a", &[]);
     let state_file = stack.dir.path().join("agent-a-state").join("node-id");
-    let node_id = std::fs::read_to_string(&state_file).expect("node-id file").trim().to_owned();
-    assert!(stack.gateway.log().contains(&node_id), "{}", stack.gateway.log());
+    let node_id = std::fs::read_to_string(&state_file)
+        .expect("node-id file")
+        .trim()
+        .to_owned();
+    assert!(
+        stack.gateway.log().contains(&node_id),
+        "{}",
+        stack.gateway.log()
+    );
 
     agent.kill();
     stack
@@ -158,9 +170,11 @@ fn runs_survive_a_control_plane_restart() {
         ],
         &[("WARP_API_KEY", common::API_KEY)],
     );
-    common::wait_until(Duration::from_secs(20), "the control plane to return", || {
-        stack.api.is_up()
-    });
+    common::wait_until(
+        Duration::from_secs(20),
+        "the control plane to return",
+        || stack.api.is_up(),
+    );
     assert_eq!(stack.api.get(&run)["state"], "QUEUED");
     let _agent = stack.agent("agent-a", &[]);
     stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
@@ -170,23 +184,50 @@ fn runs_survive_a_control_plane_restart() {
 fn dev_runs_the_three_demos_to_their_expected_ends() {
     let port = free_port();
     let output = Command::new(common::ozfleet())
-        .args(["dev", "--exit-after-demo", "--listen", &format!("127.0.0.1:{port}")])
+        .args([
+            "dev",
+            "--exit-after-demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
         .output()
         .expect("run ozfleet dev");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("All demo runs ended as expected."), "{stdout}");
-    assert!(stdout.contains("SUCCEEDED") && stdout.contains("FAILED") && stdout.contains("CANCELLED"));
-    assert!(stdout.contains("failure_reason = \"agent_invocation\", exit_code = 3"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("All demo runs ended as expected."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("SUCCEEDED") && stdout.contains("FAILED") && stdout.contains("CANCELLED")
+    );
+    assert!(
+        stdout.contains("failure_reason = \"agent_invocation\", exit_code = 3"),
+        "{stdout}"
+    );
 }
 
 #[test]
 fn bad_configuration_fails_fast_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("worker.yaml");
-    std::fs::write(&config, "worker_id: edge\nbackend:\n  direct:\n    bogus_key: 1\n").unwrap();
+    std::fs::write(
+        &config,
+        "worker_id: edge\nbackend:\n  direct:\n    bogus_key: 1\n",
+    )
+    .unwrap();
     let output = Command::new(common::ozfleet())
-        .args(["agent", "--config-file", config.to_str().unwrap(), "--join-token", "t"])
+        .args([
+            "agent",
+            "--config-file",
+            config.to_str().unwrap(),
+            "--join-token",
+            "t",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
@@ -195,13 +236,23 @@ fn bad_configuration_fails_fast_with_a_clear_message() {
     assert!(stderr.contains("bogus_key"), "{stderr}");
 
     let output = Command::new(common::ozfleet())
-        .args(["gateway", "--worker-id", "warp-1", "--api-key", "k", "--join-token", "t"])
+        .args([
+            "gateway",
+            "--worker-id",
+            "warp-1",
+            "--api-key",
+            "k",
+            "--join-token",
+            "t",
+        ])
         .output()
         .unwrap();
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
-        stderr.contains("invalid worker-id: values starting with 'warp' are reserved and cannot be used"),
+        stderr.contains(
+            "invalid worker-id: values starting with 'warp' are reserved and cannot be used"
+        ),
         "{stderr}"
     );
 

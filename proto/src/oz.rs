@@ -146,7 +146,9 @@ impl FailureReason {
     }
 
     pub fn parse(value: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|reason| reason.as_str() == value)
+        Self::ALL
+            .into_iter()
+            .find(|reason| reason.as_str() == value)
     }
 }
 
@@ -191,18 +193,42 @@ impl fmt::Debug for EnvVars {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct TaskAssignment {
     pub task_id: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub execution_id: String,
     pub task: Task,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub docker_image: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub sidecar_image: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "env_is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "env_is_empty"
+    )]
     pub env_vars: EnvVars,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub additional_sidecars: Vec<SidecarMount>,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "Vec::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "Vec::is_empty"
+    )]
     pub additional_oz_args: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub instance_shape: Option<InstanceShape>,
@@ -224,9 +250,17 @@ pub struct SidecarMount {
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct InstanceShape {
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_zero"
+    )]
     pub vcpus: i64,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_zero"
+    )]
     pub memory_gb: i64,
 }
 
@@ -238,15 +272,27 @@ pub struct Task {
     pub title: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub task_definition: Option<TaskDefinition>,
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub created_at: Option<OffsetDateTime>,
-    #[serde(default, with = "time::serde::rfc3339::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub updated_at: Option<OffsetDateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub agent_config_snapshot: Option<AgentConfig>,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub agent_conversation_id: String,
 }
 
@@ -274,22 +320,50 @@ impl Owner {
 /// `agent_config_snapshot` (Oz's AmbientAgentConfig as the worker sees it).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AgentConfig {
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub environment_id: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub base_prompt: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub model_id: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub profile_id: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub skill_spec: String,
     /// Server name → configuration, each kept as the exact JSON text received.
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "BTreeMap::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
     pub mcp_servers: BTreeMap<String, Box<RawValue>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub computer_use_enabled: Option<bool>,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_zero"
+    )]
     pub idle_timeout_minutes: i64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub harness: Option<Harness>,
@@ -299,11 +373,23 @@ pub struct AgentConfig {
     pub inference_providers: Option<InferenceProviders>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub session_sharing: Option<SessionSharing>,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_false"
+    )]
     pub snapshot_disabled: bool,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_zero"
+    )]
     pub snapshot_upload_timeout_secs: i64,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_zero")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_zero"
+    )]
     pub snapshot_script_timeout_secs: i64,
 }
 
@@ -327,7 +413,11 @@ pub struct Harness {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HarnessAuthSecrets {
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub claude_auth_secret_name: String,
 }
 
@@ -339,17 +429,33 @@ pub struct InferenceProviders {
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct AwsInferenceProvider {
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "is_false")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "is_false"
+    )]
     pub disabled: bool,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub role_arn: String,
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub region: String,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct SessionSharing {
-    #[serde(default, deserialize_with = "null_as_default", skip_serializing_if = "String::is_empty")]
+    #[serde(
+        default,
+        deserialize_with = "null_as_default",
+        skip_serializing_if = "String::is_empty"
+    )]
     pub public_access: String,
 }
 
@@ -380,7 +486,10 @@ pub enum FrameError {
     #[error("{message_type} message has no data")]
     MissingData { message_type: String },
     #[error("{message_type} data is invalid: {reason}")]
-    InvalidData { message_type: String, reason: String },
+    InvalidData {
+        message_type: String,
+        reason: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -432,11 +541,10 @@ pub fn parse_assignment_data(raw: &[u8]) -> Result<TaskAssignment, FrameError> {
         message_type: message_type::TASK_ASSIGNMENT.into(),
         reason: "not UTF-8".into(),
     })?;
-    let raw: &RawValue =
-        serde_json::from_str(text).map_err(|error| FrameError::InvalidData {
-            message_type: message_type::TASK_ASSIGNMENT.into(),
-            reason: redacted_serde_error(&error),
-        })?;
+    let raw: &RawValue = serde_json::from_str(text).map_err(|error| FrameError::InvalidData {
+        message_type: message_type::TASK_ASSIGNMENT.into(),
+        reason: redacted_serde_error(&error),
+    })?;
     parse_data(message_type::TASK_ASSIGNMENT, raw)
 }
 
@@ -728,9 +836,18 @@ mod tests {
     fn bad_frames_are_errors_naming_the_problem() {
         let cases = [
             ("not json", "not a JSON message envelope"),
-            (r#"{"type":"heartbeat"}"#, "unknown message type \"heartbeat\""),
-            (r#"{"type":"bogus","data":{}}"#, "unknown message type \"bogus\""),
-            (r#"{"type":"task_assignment"}"#, "task_assignment message has no data"),
+            (
+                r#"{"type":"heartbeat"}"#,
+                "unknown message type \"heartbeat\"",
+            ),
+            (
+                r#"{"type":"bogus","data":{}}"#,
+                "unknown message type \"bogus\"",
+            ),
+            (
+                r#"{"type":"task_assignment"}"#,
+                "task_assignment message has no data",
+            ),
             (r#"{"type":"task_assignment","data":null}"#, "has no data"),
             (
                 r#"{"type":"task_assignment","data":{"task_id":"t"}}"#,
@@ -744,7 +861,10 @@ mod tests {
                 r#"{"type":"task_assignment","data":{"task_id":"","task":{}}}"#,
                 "task_id is empty",
             ),
-            (r#"{"type":"task_cancellation","data":{}}"#, "missing field `task_id`"),
+            (
+                r#"{"type":"task_cancellation","data":{}}"#,
+                "missing field `task_id`",
+            ),
             (r#"{"type":7,"data":{}}"#, "not a JSON message envelope"),
         ];
         for (frame, expected) in cases {

@@ -59,7 +59,10 @@ mod tests {
         for _ in 0..9 {
             let nominal = backoff.current();
             let delay = backoff.next_delay();
-            assert!(delay >= nominal / 2 && delay <= nominal, "{delay:?} vs {nominal:?}");
+            assert!(
+                delay >= nominal / 2 && delay <= nominal,
+                "{delay:?} vs {nominal:?}"
+            );
             nominals.push(nominal.as_secs());
         }
         assert_eq!(nominals, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);

@@ -17,8 +17,13 @@ pub fn ozfleet() -> &'static str {
     env!("CARGO_BIN_EXE_ozfleet")
 }
 
-pub fn demo_agent() -> &'static str {
-    env!("CARGO_BIN_EXE_oz-demo-agent")
+/// The demo agent: `ozfleet` linked under the name `oz-demo-agent` inside `dir`.
+pub fn demo_agent(dir: &Path) -> PathBuf {
+    let path = dir.join("oz-demo-agent");
+    if !path.exists() {
+        std::os::unix::fs::symlink(ozfleet(), &path).expect("link the demo agent");
+    }
+    path
 }
 
 /// A free loopback port. The small window between releasing it and the child binding it
@@ -63,7 +68,9 @@ impl Proc {
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("log file"))
             .stderr(log);
-        let child = command.spawn().unwrap_or_else(|error| panic!("spawn {name}: {error}"));
+        let child = command
+            .spawn()
+            .unwrap_or_else(|error| panic!("spawn {name}: {error}"));
         Self {
             name: name.into(),
             child,
@@ -80,9 +87,11 @@ impl Proc {
     }
 
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) {
-        wait_until(timeout, &format!("{needle:?} in the log of {}", self.name), || {
-            self.log().contains(needle)
-        });
+        wait_until(
+            timeout,
+            &format!("{needle:?} in the log of {}", self.name),
+            || self.log().contains(needle),
+        );
     }
 
     /// SIGKILL, like a crash or `kill -9`.
@@ -220,7 +229,11 @@ impl Stack {
             &[("WARP_API_KEY", API_KEY)],
         );
         let api = Api::new(http_port);
-        wait_until(Duration::from_secs(20), "the control plane to serve", || api.is_up());
+        wait_until(
+            Duration::from_secs(20),
+            "the control plane to serve",
+            || api.is_up(),
+        );
 
         let gateway_port = free_port();
         let gateway = Proc::spawn(
@@ -237,7 +250,10 @@ impl Stack {
                 "--listen",
                 &format!("127.0.0.1:{gateway_port}"),
             ],
-            &[("WARP_API_KEY", API_KEY), ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)],
+            &[
+                ("WARP_API_KEY", API_KEY),
+                ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN),
+            ],
         );
         gateway.wait_for_log("Connected to Oz", Duration::from_secs(20));
         Self {
@@ -256,6 +272,7 @@ impl Stack {
         let state_dir = self.dir.path().join(format!("{name}-state"));
         let workspaces = self.dir.path().join(format!("{name}-workspaces"));
         let gateway = format!("http://127.0.0.1:{}", self.gateway_port);
+        let demo_agent = demo_agent(self.dir.path());
         let mut args = vec![
             "agent",
             "--backend",
@@ -269,14 +286,21 @@ impl Stack {
             "--workspace-root",
             workspaces.to_str().unwrap(),
             "--oz-path",
-            demo_agent(),
+            demo_agent.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
         let attached_before = self.gateway.log().matches("Node attached").count();
-        let agent = Proc::spawn(name, self.dir.path(), &args, &[("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)]);
-        wait_until(Duration::from_secs(20), &format!("{name} to attach"), || {
-            self.gateway.log().matches("Node attached").count() > attached_before
-        });
+        let agent = Proc::spawn(
+            name,
+            self.dir.path(),
+            &args,
+            &[("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)],
+        );
+        wait_until(
+            Duration::from_secs(20),
+            &format!("{name} to attach"),
+            || self.gateway.log().matches("Node attached").count() > attached_before,
+        );
         agent
     }
 }

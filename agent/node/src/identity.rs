@@ -11,11 +11,20 @@ const NODE_ID_FILE: &str = "node-id";
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot create state directory {path}: {source}")]
-    StateDir { path: String, source: std::io::Error },
+    StateDir {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot write {path}: {source}")]
-    Write { path: String, source: std::io::Error },
+    Write {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{path} holds an invalid node id {id:?}: expected 1-128 characters of [A-Za-z0-9._-]")]
     Invalid { path: String, id: String },
 }
@@ -73,7 +82,10 @@ pub fn load_or_create_node_id(state_dir: &Path) -> Result<String, IdentityError>
             })?;
             Ok(id)
         }
-        Err(source) => Err(IdentityError::Read { path: shown, source }),
+        Err(source) => Err(IdentityError::Read {
+            path: shown,
+            source,
+        }),
     }
 }
 

@@ -205,7 +205,11 @@ impl Node {
             "authorization",
             format!("Bearer {}", self.config.join_token)
                 .parse()
-                .map_err(|_| anyhow::anyhow!("the join token contains characters not allowed in gRPC metadata"))?,
+                .map_err(|_| {
+                    anyhow::anyhow!(
+                        "the join token contains characters not allowed in gRPC metadata"
+                    )
+                })?,
         );
         {
             // The hello snapshot and the link switch happen under one lock so no outcome
@@ -226,7 +230,9 @@ impl Node {
                     worker_id = welcome.worker_id,
                     "Attached to gateway"
                 ),
-                Some(attach_response::Kind::Assignment(assignment)) => self.on_assignment(assignment),
+                Some(attach_response::Kind::Assignment(assignment)) => {
+                    self.on_assignment(assignment)
+                }
                 Some(attach_response::Kind::Cancellation(cancellation)) => {
                     self.cancel(&cancellation.task_id, CancelSource::User)
                 }
@@ -291,7 +297,12 @@ impl Node {
             execution_id: execution_id.clone(),
         }));
         drop(state);
-        info!(task_id, execution_id, node_id = self.node_id, "Task accepted; starting it");
+        info!(
+            task_id,
+            execution_id,
+            node_id = self.node_id,
+            "Task accepted; starting it"
+        );
         let node = self.clone();
         tokio::spawn(async move {
             let started = Instant::now();
@@ -305,8 +316,13 @@ impl Node {
         assignment: &v1::TaskAssignment,
         cancel: CancellationToken,
     ) -> Result<(), TaskFailure> {
-        let oz_assignment = oz::parse_assignment_data(&assignment.oz_assignment_json)
-            .map_err(|error| TaskFailure::new(FailureReason::Unknown, format!("invalid assignment: {error}")))?;
+        let oz_assignment =
+            oz::parse_assignment_data(&assignment.oz_assignment_json).map_err(|error| {
+                TaskFailure::new(
+                    FailureReason::Unknown,
+                    format!("invalid assignment: {error}"),
+                )
+            })?;
         let settings = assignment.settings.clone().unwrap_or_default();
         let non_empty = |value: String| (!value.is_empty()).then_some(value);
         let argv_settings = ArgvSettings {
@@ -336,9 +352,18 @@ impl Node {
         self.backend.execute(task, cancel).await
     }
 
-    fn finish(&self, task_id: &str, execution_id: &str, result: Result<(), TaskFailure>, took: Duration) {
+    fn finish(
+        &self,
+        task_id: &str,
+        execution_id: &str,
+        result: Result<(), TaskFailure>,
+        took: Duration,
+    ) {
         let mut state = self.lock();
-        let source = state.running.remove(task_id).and_then(|running| running.source);
+        let source = state
+            .running
+            .remove(task_id)
+            .and_then(|running| running.source);
         let result = outcome_result(result, source);
         match &result {
             task_outcome::Result::Failed(failed) => info!(
@@ -355,9 +380,10 @@ impl Node {
             execution_id: execution_id.to_owned(),
             result: Some(result),
         };
-        state
-            .unacknowledged
-            .insert((task_id.to_owned(), execution_id.to_owned()), outcome.clone());
+        state.unacknowledged.insert(
+            (task_id.to_owned(), execution_id.to_owned()),
+            outcome.clone(),
+        );
         state.send(attach_request::Kind::Outcome(outcome));
         drop(state);
         self.changed.notify_waiters();
@@ -384,7 +410,10 @@ impl Node {
             state.running.keys().cloned().collect()
         };
         if !task_ids.is_empty() {
-            info!(count = task_ids.len(), "Cancelling running tasks for shutdown");
+            info!(
+                count = task_ids.len(),
+                "Cancelling running tasks for shutdown"
+            );
         }
         for task_id in &task_ids {
             self.cancel(task_id, CancelSource::Shutdown);
@@ -392,11 +421,16 @@ impl Node {
         self.wait_until(self.config.shutdown_grace, |state| state.running.is_empty())
             .await;
         let delivered = self
-            .wait_until(ACK_WAIT, |state| state.unacknowledged.is_empty() || state.link.is_none())
+            .wait_until(ACK_WAIT, |state| {
+                state.unacknowledged.is_empty() || state.link.is_none()
+            })
             .await;
         let pending = self.lock().unacknowledged.len();
         if !delivered || pending > 0 {
-            warn!(pending, "Stopping with outcomes the gateway has not acknowledged");
+            warn!(
+                pending,
+                "Stopping with outcomes the gateway has not acknowledged"
+            );
         }
     }
 
@@ -474,7 +508,8 @@ mod tests {
 
     #[test]
     fn shutdown_cancellation_is_graceful_shutdown_with_the_interrupted_text() {
-        let failure = TaskFailure::new(FailureReason::TaskCancelled, "context canceled").with_exit_code(143);
+        let failure =
+            TaskFailure::new(FailureReason::TaskCancelled, "context canceled").with_exit_code(143);
         let failed = failed(outcome_result(Err(failure), Some(CancelSource::Shutdown)));
         assert_eq!(failed.failure_reason, "graceful_shutdown");
         assert_eq!(failed.exit_code, 143);

@@ -135,7 +135,9 @@ impl Dispatcher {
                     fleet.send(connection, cancellation_frame(&run_id));
                 }
             }
-            Err(error) => error!("cannot read pending cancellations of worker {worker_id}: {error}"),
+            Err(error) => {
+                error!("cannot read pending cancellations of worker {worker_id}: {error}")
+            }
         }
         drop(fleet);
         self.wake();
@@ -146,7 +148,9 @@ impl Dispatcher {
     pub fn worker_disconnected(&self, connection: ConnectionId, worker_id: &str) {
         let withdrawn = self.lock_fleet().disconnect(connection);
         for run_id in &withdrawn {
-            info!("run {run_id} is queued again: worker {worker_id} disconnected before claiming it");
+            info!(
+                "run {run_id} is queued again: worker {worker_id} disconnected before claiming it"
+            );
         }
         self.wake();
     }

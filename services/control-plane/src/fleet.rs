@@ -171,7 +171,9 @@ impl Fleet {
 
     /// When a rejected run may be offered again; `None` if it is not waiting.
     pub fn reoffer_not_before(&self, run_id: &str) -> Option<Instant> {
-        self.reoffer_delays.get(run_id).map(|delay| delay.not_before)
+        self.reoffer_delays
+            .get(run_id)
+            .map(|delay| delay.not_before)
     }
 
     /// A worker that finished a run has room again: its rejected runs need not wait.

@@ -116,9 +116,7 @@ pub async fn run(
     stop.cancel();
     connection_tasks.close();
     connection_tasks.wait().await;
-    dispatch_loop
-        .await
-        .context("the dispatch loop panicked")?;
+    dispatch_loop.await.context("the dispatch loop panicked")?;
     served.context("serving the control plane failed")?;
     info!("control plane stopped");
     Ok(())

@@ -155,7 +155,11 @@ impl RunListQuery {
         for (key, value) in pairs {
             match key.as_str() {
                 "state" => {
-                    for text in value.split(',').map(str::trim).filter(|text| !text.is_empty()) {
+                    for text in value
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|text| !text.is_empty())
+                    {
                         let state = RunState::parse(&text.to_ascii_uppercase())
                             .ok_or_else(|| unknown_state(text))?;
                         if !query.states.contains(&state) {

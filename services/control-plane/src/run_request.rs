@@ -24,8 +24,9 @@ pub struct RunSubmission {
 }
 
 pub fn parse_run_request(body: &[u8]) -> Result<RunSubmission, ApiError> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|error| ApiError::BadRequest(format!("request body is not valid JSON: {error}")))?;
+    let value: Value = serde_json::from_slice(body).map_err(|error| {
+        ApiError::BadRequest(format!("request body is not valid JSON: {error}"))
+    })?;
     let Value::Object(request) = value else {
         return Err(ApiError::BadRequest(
             "request body must be a JSON object".into(),
@@ -43,7 +44,11 @@ pub fn parse_run_request(body: &[u8]) -> Result<RunSubmission, ApiError> {
     let config = match request.get("config") {
         None | Some(Value::Null) => Map::new(),
         Some(Value::Object(config)) => config.clone(),
-        Some(_) => return Err(ApiError::BadRequest("`config` must be a JSON object".into())),
+        Some(_) => {
+            return Err(ApiError::BadRequest(
+                "`config` must be a JSON object".into(),
+            ));
+        }
     };
     let worker_host = optional_string(&config, "worker_host", "config.worker_host")?;
 
@@ -77,7 +82,9 @@ fn optional_string(
     match object.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(text)) => Ok(Some(text.clone())),
-        Some(_) => Err(ApiError::BadRequest(format!("`{shown_as}` must be a string"))),
+        Some(_) => Err(ApiError::BadRequest(format!(
+            "`{shown_as}` must be a string"
+        ))),
     }
 }
 
@@ -140,8 +147,10 @@ mod tests {
     #[test]
     fn titles_default_to_the_prompt_or_the_skill() {
         let long_line = "x".repeat(200);
-        let run = parse(json!({"prompt": format!("\n {long_line}\nmore"), "config": {"worker_host": "w"}}))
-            .unwrap();
+        let run = parse(
+            json!({"prompt": format!("\n {long_line}\nmore"), "config": {"worker_host": "w"}}),
+        )
+        .unwrap();
         assert_eq!(run.title, "x".repeat(DERIVED_TITLE_MAX_CHARS));
         let run = parse(json!({"skill": "org/repo:fix", "config": {"worker_host": "w"}})).unwrap();
         assert_eq!(run.title, "org/repo:fix");
@@ -155,19 +164,40 @@ mod tests {
         let cases: [(&[u8], &str); 8] = [
             (b"{not json", "not valid JSON"),
             (b"[1, 2]", "must be a JSON object"),
-            (br#"{"prompt": 5, "config": {"worker_host": "w"}}"#, "`prompt` must be a string"),
-            (br#"{"prompt": "p", "skill": [], "config": {"worker_host": "w"}}"#, "`skill`"),
-            (br#"{"prompt": "p", "title": {}, "config": {"worker_host": "w"}}"#, "`title`"),
-            (br#"{"prompt": "p", "team": "yes", "config": {"worker_host": "w"}}"#, "`team`"),
-            (br#"{"prompt": "p", "config": "w"}"#, "`config` must be a JSON object"),
-            (br#"{"prompt": "p", "config": {"worker_host": 7}}"#, "`config.worker_host` must be a string"),
+            (
+                br#"{"prompt": 5, "config": {"worker_host": "w"}}"#,
+                "`prompt` must be a string",
+            ),
+            (
+                br#"{"prompt": "p", "skill": [], "config": {"worker_host": "w"}}"#,
+                "`skill`",
+            ),
+            (
+                br#"{"prompt": "p", "title": {}, "config": {"worker_host": "w"}}"#,
+                "`title`",
+            ),
+            (
+                br#"{"prompt": "p", "team": "yes", "config": {"worker_host": "w"}}"#,
+                "`team`",
+            ),
+            (
+                br#"{"prompt": "p", "config": "w"}"#,
+                "`config` must be a JSON object",
+            ),
+            (
+                br#"{"prompt": "p", "config": {"worker_host": 7}}"#,
+                "`config.worker_host` must be a string",
+            ),
         ];
         for (body, expected) in cases {
             match parse_run_request(body) {
                 Err(ApiError::BadRequest(message)) => {
                     assert!(message.contains(expected), "{message}")
                 }
-                other => panic!("{}: expected a bad request, got {other:?}", String::from_utf8_lossy(body)),
+                other => panic!(
+                    "{}: expected a bad request, got {other:?}",
+                    String::from_utf8_lossy(body)
+                ),
             }
         }
     }
@@ -175,12 +205,27 @@ mod tests {
     #[test]
     fn requests_that_cannot_run_here_are_unprocessable() {
         let cases = [
-            (json!({"config": {"worker_host": "w"}}), "`prompt` is required"),
-            (json!({"prompt": "  ", "config": {"worker_host": "w"}}), "`prompt` is required"),
+            (
+                json!({"config": {"worker_host": "w"}}),
+                "`prompt` is required",
+            ),
+            (
+                json!({"prompt": "  ", "config": {"worker_host": "w"}}),
+                "`prompt` is required",
+            ),
             (json!({"prompt": "p"}), "`config.worker_host` is required"),
-            (json!({"prompt": "p", "config": {}}), "`config.worker_host` is required"),
-            (json!({"prompt": "p", "config": {"worker_host": " "}}), "must not be empty"),
-            (json!({"prompt": "p", "config": {"worker_host": "warp"}}), "Warp-hosted"),
+            (
+                json!({"prompt": "p", "config": {}}),
+                "`config.worker_host` is required",
+            ),
+            (
+                json!({"prompt": "p", "config": {"worker_host": " "}}),
+                "must not be empty",
+            ),
+            (
+                json!({"prompt": "p", "config": {"worker_host": "warp"}}),
+                "Warp-hosted",
+            ),
         ];
         for (body, expected) in cases {
             match parse(body.clone()) {

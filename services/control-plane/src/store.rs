@@ -416,7 +416,12 @@ impl Store {
     }
 
     /// CLAIMED or INPROGRESS → the outcome's terminal state. False when no worker held it.
-    pub fn finish(&self, run_id: &str, outcome: &Outcome, now: Timestamp) -> Result<bool, StoreError> {
+    pub fn finish(
+        &self,
+        run_id: &str,
+        outcome: &Outcome,
+        now: Timestamp,
+    ) -> Result<bool, StoreError> {
         let (status_message, failure_reason, exit_code) = match outcome {
             Outcome::Succeeded | Outcome::Cancelled => (None, None, None),
             Outcome::Failed {
@@ -448,11 +453,16 @@ struct UnknownRunState(String);
 
 fn run_from_row(row: &Row<'_>) -> rusqlite::Result<Run> {
     let agent_config_text: String = row.get(5)?;
-    let agent_config = serde_json::from_str(&agent_config_text)
-        .map_err(|error| rusqlite::Error::FromSqlConversionFailure(5, Type::Text, Box::new(error)))?;
+    let agent_config = serde_json::from_str(&agent_config_text).map_err(|error| {
+        rusqlite::Error::FromSqlConversionFailure(5, Type::Text, Box::new(error))
+    })?;
     let state_text: String = row.get(7)?;
     let state = RunState::parse(&state_text).ok_or_else(|| {
-        rusqlite::Error::FromSqlConversionFailure(7, Type::Text, Box::new(UnknownRunState(state_text)))
+        rusqlite::Error::FromSqlConversionFailure(
+            7,
+            Type::Text,
+            Box::new(UnknownRunState(state_text)),
+        )
     })?;
     Ok(Run {
         run_id: row.get(0)?,
@@ -515,7 +525,9 @@ mod tests {
             .unwrap()
             .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
             .unwrap();
-        let error = Store::open(&path).err().expect("a newer schema must be refused");
+        let error = Store::open(&path)
+            .err()
+            .expect("a newer schema must be refused");
         assert!(matches!(error, StoreError::SchemaTooNew { .. }), "{error}");
     }
 }

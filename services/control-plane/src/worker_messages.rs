@@ -231,5 +231,4 @@ mod tests {
             Outcome::Failed { failure_reason, exit_code: None, .. } if failure_reason == "unknown"
         ));
     }
-
 }

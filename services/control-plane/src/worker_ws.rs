@@ -7,9 +7,9 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
-use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::response::Response;
 use futures::stream::SplitSink;
@@ -43,7 +43,9 @@ pub async fn accept(
         .worker_id
         .filter(|worker_id| !worker_id.trim().is_empty())
         .ok_or_else(|| {
-            ApiError::BadRequest("query parameter `worker_id` is required and must not be empty".into())
+            ApiError::BadRequest(
+                "query parameter `worker_id` is required and must not be empty".into(),
+            )
         })?;
     let upgrade = upgrade.map_err(|rejection| {
         ApiError::BadRequest(format!(
@@ -170,4 +172,3 @@ async fn close_normally(sink: &mut WorkerSink) -> ConnectionEnd {
         Err(end) => end,
     }
 }
-

@@ -15,11 +15,19 @@ async fn every_endpoint_requires_the_api_key() {
     let control_plane = ControlPlane::start(REOFFER_DELAY).await;
     let run_id = control_plane.create_run_id("p", "w1").await;
     let body = json!({"prompt": "p", "config": {"worker_host": "w1"}}).to_string();
-    for bearer in [None, Some("wrong-key"), Some(&format!("{run_id}.forged-secret"))] {
+    for bearer in [
+        None,
+        Some("wrong-key"),
+        Some(&format!("{run_id}.forged-secret")),
+    ] {
         let replies = [
             control_plane.get("/api/v1/agent/runs", bearer).await,
-            control_plane.get(&format!("/api/v1/agent/runs/{run_id}"), bearer).await,
-            control_plane.post("/api/v1/agent/runs", bearer, &body).await,
+            control_plane
+                .get(&format!("/api/v1/agent/runs/{run_id}"), bearer)
+                .await,
+            control_plane
+                .post("/api/v1/agent/runs", bearer, &body)
+                .await,
             control_plane.post("/api/v1/agent/run", bearer, &body).await,
             control_plane
                 .post(&format!("/api/v1/agent/runs/{run_id}/cancel"), bearer, "")
@@ -50,7 +58,10 @@ async fn the_worker_socket_needs_a_worker_id() {
             Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                 assert_eq!(response.status(), 400, "{query:?}")
             }
-            other => panic!("{query:?}: expected a 400 handshake failure, got {:?}", other.err()),
+            other => panic!(
+                "{query:?}: expected a 400 handshake failure, got {:?}",
+                other.err()
+            ),
         }
     }
     let reply = control_plane
@@ -66,10 +77,30 @@ async fn invalid_run_requests_are_refused_with_a_message_naming_the_problem() {
     let control_plane = ControlPlane::start(REOFFER_DELAY).await;
     let cases = [
         ("{not json", 400, "bad_request", "not valid JSON"),
-        (r#"{"prompt": 7, "config": {"worker_host": "w1"}}"#, 400, "bad_request", "`prompt`"),
-        (r#"{"prompt": "p", "config": []}"#, 400, "bad_request", "`config`"),
-        (r#"{"config": {"worker_host": "w1"}}"#, 422, "unprocessable_entity", "`prompt`"),
-        (r#"{"prompt": "p"}"#, 422, "unprocessable_entity", "`config.worker_host`"),
+        (
+            r#"{"prompt": 7, "config": {"worker_host": "w1"}}"#,
+            400,
+            "bad_request",
+            "`prompt`",
+        ),
+        (
+            r#"{"prompt": "p", "config": []}"#,
+            400,
+            "bad_request",
+            "`config`",
+        ),
+        (
+            r#"{"config": {"worker_host": "w1"}}"#,
+            422,
+            "unprocessable_entity",
+            "`prompt`",
+        ),
+        (
+            r#"{"prompt": "p"}"#,
+            422,
+            "unprocessable_entity",
+            "`config.worker_host`",
+        ),
         (
             r#"{"prompt": "p", "config": {"worker_host": ""}}"#,
             422,
@@ -90,9 +121,7 @@ async fn invalid_run_requests_are_refused_with_a_message_naming_the_problem() {
             assert!(message.contains(named), "{body}: {message}");
         }
     }
-    let listed = control_plane
-        .get("/api/v1/agent/runs", Some(API_KEY))
-        .await;
+    let listed = control_plane.get("/api/v1/agent/runs", Some(API_KEY)).await;
     assert_eq!(listed.body["runs"], json!([]), "nothing was queued");
     control_plane.stop().await;
 }
@@ -100,7 +129,8 @@ async fn invalid_run_requests_are_refused_with_a_message_naming_the_problem() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_created_run_is_queued_with_its_config_kept_whole() {
     let control_plane = ControlPlane::start(REOFFER_DELAY).await;
-    let config = json!({"worker_host": "w1", "name": "nightly", "model_id": "m", "custom": {"a": [1, 2]}});
+    let config =
+        json!({"worker_host": "w1", "name": "nightly", "model_id": "m", "custom": {"a": [1, 2]}});
     let body = json!({"prompt": "fix it", "title": "Fix", "config": config, "unknown_field": true});
     let reply = control_plane
         .post("/api/v1/agent/run", Some(API_KEY), &body.to_string())
@@ -123,7 +153,14 @@ async fn a_created_run_is_queued_with_its_config_kept_whole() {
     assert_eq!(run["execution_location"], "REMOTE");
     assert_eq!(run["source"], "API");
     assert_eq!(run["cancel_requested"], false);
-    for unset in ["started_at", "status_message", "claimed_by", "execution_id", "failure_reason", "exit_code"] {
+    for unset in [
+        "started_at",
+        "status_message",
+        "claimed_by",
+        "execution_id",
+        "failure_reason",
+        "exit_code",
+    ] {
         assert_eq!(run[unset], Value::Null, "{unset}");
     }
     let created_at = text(&run["created_at"]);
@@ -164,7 +201,11 @@ async fn listing_pages_through_every_run_once_with_filters() {
     let control_plane = ControlPlane::start(REOFFER_DELAY).await;
     let mut created = Vec::new();
     for index in 0..5 {
-        created.push(control_plane.create_run_id(&format!("run {index}"), "w1").await);
+        created.push(
+            control_plane
+                .create_run_id(&format!("run {index}"), "w1")
+                .await,
+        );
     }
     for run_id in &created[1..3] {
         assert_eq!(control_plane.cancel(run_id).await.status, 200);
@@ -232,11 +273,26 @@ async fn listing_pages_through_every_run_once_with_filters() {
         .into_iter()
         .collect();
     assert_eq!(cancelled, created[1..3].iter().cloned().collect());
-    assert_eq!(ids(&list("?state=QUEUED&state=CANCELLED".into()).await).len(), 6);
-    assert_eq!(ids(&list("?state=QUEUED,CANCELLED&limit=500".into()).await).len(), 6);
-    assert_eq!(ids(&list("?state=FAILED".into()).await), Vec::<String>::new());
+    assert_eq!(
+        ids(&list("?state=QUEUED&state=CANCELLED".into()).await).len(),
+        6
+    );
+    assert_eq!(
+        ids(&list("?state=QUEUED,CANCELLED&limit=500".into()).await).len(),
+        6
+    );
+    assert_eq!(
+        ids(&list("?state=FAILED".into()).await),
+        Vec::<String>::new()
+    );
 
-    for bad in ["?limit=0", "?limit=501", "?state=DONE", "?cursor=xyz", "?sort_by=title"] {
+    for bad in [
+        "?limit=0",
+        "?limit=501",
+        "?state=DONE",
+        "?cursor=xyz",
+        "?sort_by=title",
+    ] {
         let reply = control_plane
             .get(&format!("/api/v1/agent/runs{bad}"), Some(API_KEY))
             .await;

@@ -17,13 +17,19 @@ async fn runs_survive_a_restart_and_unanswered_offers_are_made_again() {
 
     let control_plane = ControlPlane::start_on(&database, REOFFER_DELAY).await;
     let mut worker = FakeWorker::connect(&control_plane, "w1").await;
-    let claimed = control_plane.create_run_id("claimed before the restart", "w1").await;
+    let claimed = control_plane
+        .create_run_id("claimed before the restart", "w1")
+        .await;
     assert_eq!(worker.claim_next("w1").await, claimed);
     let claimed_before = control_plane.wait_for_state(&claimed, "CLAIMED").await;
-    let offered = control_plane.create_run_id("offered before the restart", "w1").await;
+    let offered = control_plane
+        .create_run_id("offered before the restart", "w1")
+        .await;
     let first_offer = worker.expect_assignment().await;
     assert_eq!(first_offer["task_id"], offered.as_str());
-    let queued = control_plane.create_run_id("for a worker that never came", "w2").await;
+    let queued = control_plane
+        .create_run_id("for a worker that never came", "w2")
+        .await;
 
     control_plane.stop().await;
     assert_eq!(worker.close_code().await, Some(1000));

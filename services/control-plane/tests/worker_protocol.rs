@@ -30,8 +30,14 @@ async fn a_run_goes_from_queued_through_claimed_and_in_progress_to_succeeded() {
     assert_eq!(assignment["task_id"], run_id.as_str());
     assert_eq!(assignment["task"]["id"], run_id.as_str());
     assert_eq!(assignment["task"]["title"], "Fix");
-    assert_eq!(assignment["task"]["task_definition"], json!({"prompt": "fix the bug"}));
-    assert_eq!(assignment["task"]["owner"], json!({"Type": "TEAM", "Id": 1}));
+    assert_eq!(
+        assignment["task"]["task_definition"],
+        json!({"prompt": "fix the bug"})
+    );
+    assert_eq!(
+        assignment["task"]["owner"],
+        json!({"Type": "TEAM", "Id": 1})
+    );
     assert_eq!(
         assignment["task"]["agent_config_snapshot"],
         json!({"worker_host": "w1", "model_id": "m1"})
@@ -44,7 +50,10 @@ async fn a_run_goes_from_queued_through_claimed_and_in_progress_to_succeeded() {
     let second = control_plane.create_run("later", "w1").await;
     assert_eq!(second["at_capacity"], false);
     let second_id = text(&second["run_id"]);
-    assert_eq!(text(&worker.expect_assignment().await["task_id"]), second_id);
+    assert_eq!(
+        text(&worker.expect_assignment().await["task_id"]),
+        second_id
+    );
 
     worker.send(WorkerMessage::claimed(&run_id, "w1")).await;
     let claimed = control_plane.wait_for_state(&run_id, "CLAIMED").await;
@@ -54,8 +63,15 @@ async fn a_run_goes_from_queued_through_claimed_and_in_progress_to_succeeded() {
 
     // The run token opens exactly its own run, and its first use means the agent runs.
     let own_path = format!("/api/v1/agent/runs/{run_id}");
-    for path in ["/api/v1/agent/runs".to_string(), format!("/api/v1/agent/runs/{second_id}")] {
-        assert_error(&control_plane.get(&path, Some(&run_token)).await, 403, "forbidden");
+    for path in [
+        "/api/v1/agent/runs".to_string(),
+        format!("/api/v1/agent/runs/{second_id}"),
+    ] {
+        assert_error(
+            &control_plane.get(&path, Some(&run_token)).await,
+            403,
+            "forbidden",
+        );
     }
     let own_cancel = control_plane
         .post(&format!("{own_path}/cancel"), Some(&run_token), "")
@@ -79,7 +95,14 @@ async fn a_run_goes_from_queued_through_claimed_and_in_progress_to_succeeded() {
     assert_eq!(done["claimed_by"], "w1");
 
     // A repeated report is ignored and the connection keeps working.
-    worker.send(WorkerMessage::failed(&run_id, FailureReason::Unknown, "late".into(), 1)).await;
+    worker
+        .send(WorkerMessage::failed(
+            &run_id,
+            FailureReason::Unknown,
+            "late".into(),
+            1,
+        ))
+        .await;
     worker.send(WorkerMessage::claimed(&second_id, "w1")).await;
     control_plane.wait_for_state(&second_id, "CLAIMED").await;
     assert_eq!(control_plane.run_item(&run_id).await["state"], "SUCCEEDED");
@@ -101,10 +124,20 @@ async fn a_failure_is_recorded_with_its_reason_and_exit_code() {
 
     let message = "Failed to execute task: container exited with non-zero status: 137";
     worker
-        .send(WorkerMessage::failed(&with_exit, FailureReason::ContainerExit, message.into(), 137))
+        .send(WorkerMessage::failed(
+            &with_exit,
+            FailureReason::ContainerExit,
+            message.into(),
+            137,
+        ))
         .await;
     worker
-        .send(WorkerMessage::failed(&without_exit, FailureReason::ImagePull, "no image".into(), 0))
+        .send(WorkerMessage::failed(
+            &without_exit,
+            FailureReason::ImagePull,
+            "no image".into(),
+            0,
+        ))
         .await;
 
     let failed = control_plane.wait_for_state(&with_exit, "FAILED").await;
@@ -128,13 +161,21 @@ async fn a_rejected_run_stays_queued_and_is_offered_again_after_the_delay() {
     let run_id = control_plane.create_run_id("p", "w1").await;
     let first = worker.expect_assignment().await;
     let rejected_at = Instant::now();
-    worker.send(WorkerMessage::rejected_at_capacity(&run_id)).await;
+    worker
+        .send(WorkerMessage::rejected_at_capacity(&run_id))
+        .await;
 
     let second = worker.expect_assignment().await;
     let waited = rejected_at.elapsed();
-    assert!(waited >= REOFFER_DELAY, "offered again after only {waited:?}");
+    assert!(
+        waited >= REOFFER_DELAY,
+        "offered again after only {waited:?}"
+    );
     assert_eq!(second["task_id"], run_id.as_str());
-    assert_ne!(second["execution_id"], first["execution_id"], "each offer is a new execution");
+    assert_ne!(
+        second["execution_id"], first["execution_id"],
+        "each offer is a new execution"
+    );
     assert_eq!(control_plane.run_item(&run_id).await["state"], "QUEUED");
 
     // Claiming with the first offer's connection still works: it is the same connection.
@@ -153,7 +194,9 @@ async fn a_rejected_run_is_offered_again_as_soon_as_its_worker_finishes_a_run() 
     assert_eq!(worker.claim_next("w1").await, running);
     let waiting = control_plane.create_run_id("waiting", "w1").await;
     assert_eq!(text(&worker.expect_assignment().await["task_id"]), waiting);
-    worker.send(WorkerMessage::rejected_at_capacity(&waiting)).await;
+    worker
+        .send(WorkerMessage::rejected_at_capacity(&waiting))
+        .await;
     worker.expect_silence(QUIET).await;
 
     worker.send(WorkerMessage::completed(&running)).await;
@@ -173,7 +216,9 @@ async fn runs_go_only_to_their_worker_and_spread_across_its_connections() {
     // no offer now, so offers alternate from here.
     let mut offered_to = Vec::new();
     for index in 0..4 {
-        let run_id = control_plane.create_run_id(&format!("run {index}"), "w1").await;
+        let run_id = control_plane
+            .create_run_id(&format!("run {index}"), "w1")
+            .await;
         tokio::select! {
             data = first.expect_assignment() => offered_to.push(("first", text(&data["task_id"]), run_id)),
             data = second.expect_assignment() => offered_to.push(("second", text(&data["task_id"]), run_id)),
@@ -182,8 +227,14 @@ async fn runs_go_only_to_their_worker_and_spread_across_its_connections() {
     for (_, offered, created) in &offered_to {
         assert_eq!(offered, created);
     }
-    let to_second = offered_to.iter().filter(|(connection, ..)| *connection == "second").count();
-    assert!((1..4).contains(&to_second), "offers spread across connections: {offered_to:?}");
+    let to_second = offered_to
+        .iter()
+        .filter(|(connection, ..)| *connection == "second")
+        .count();
+    assert!(
+        (1..4).contains(&to_second),
+        "offers spread across connections: {offered_to:?}"
+    );
     other.expect_silence(QUIET).await;
     control_plane.stop().await;
 }
@@ -236,7 +287,10 @@ async fn cancelling_a_claimed_run_asks_its_worker_and_waits_for_the_report() {
     assert_eq!(reply.body, json!({"run_id": run_id}));
     worker.expect_cancellation_of(&run_id).await;
     let pending = control_plane.run_item(&run_id).await;
-    assert_eq!(pending["state"], "CLAIMED", "the worker has not answered yet");
+    assert_eq!(
+        pending["state"], "CLAIMED",
+        "the worker has not answered yet"
+    );
     assert_eq!(pending["cancel_requested"], true);
 
     worker.send(WorkerMessage::cancelled(&run_id)).await;
@@ -304,9 +358,13 @@ async fn malformed_frames_are_ignored_and_the_connection_keeps_working() {
         worker.send_text(frame).await;
     }
     worker.send_binary(b"\x00\x01").await;
-    worker.send(WorkerMessage::claimed("no-such-run", "w1")).await;
+    worker
+        .send(WorkerMessage::claimed("no-such-run", "w1"))
+        .await;
     worker.send(WorkerMessage::completed("no-such-run")).await;
-    worker.send(WorkerMessage::rejected_at_capacity("no-such-run")).await;
+    worker
+        .send(WorkerMessage::rejected_at_capacity("no-such-run"))
+        .await;
 
     worker.send(WorkerMessage::claimed(&run_id, "w1")).await;
     control_plane.wait_for_state(&run_id, "CLAIMED").await;

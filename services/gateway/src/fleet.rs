@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use ozfleet_proto::oz::{self, FailureReason, TaskAssignment as OzAssignment, WorkerMessage};
 use ozfleet_proto::v1::{
-    self, AttachResponse, NodeHello, TaskOutcome, UpstreamSettings, attach_response,
-    task_outcome,
+    self, AttachResponse, NodeHello, TaskOutcome, UpstreamSettings, attach_response, task_outcome,
 };
 use tonic::Status;
 use tracing::{debug, info, warn};
@@ -121,7 +120,11 @@ pub struct NodeSnapshot {
 }
 
 impl Fleet {
-    pub fn new(outbox: Arc<Outbox>, settings: UpstreamSettings, timings: FleetTimings) -> Arc<Self> {
+    pub fn new(
+        outbox: Arc<Outbox>,
+        settings: UpstreamSettings,
+        timings: FleetTimings,
+    ) -> Arc<Self> {
         Arc::new_cyclic(|myself| Self {
             state: Mutex::new(FleetState::default()),
             outbox,
@@ -180,7 +183,11 @@ impl Fleet {
             );
             return;
         }
-        info!(task_id, title = assignment.task.title, "Task assigned by Oz");
+        info!(
+            task_id,
+            title = assignment.task.title,
+            "Task assigned by Oz"
+        );
         state.tasks.insert(
             task_id.clone(),
             Task {
@@ -230,10 +237,12 @@ impl Fleet {
                 last_placed: node.last_placed,
             })
             .collect();
-        let Some(node_id) = scheduler::pick(&candidates, &task.refused_by).map(str::to_owned) else {
+        let Some(node_id) = scheduler::pick(&candidates, &task.refused_by).map(str::to_owned)
+        else {
             state.tasks.remove(task_id);
             info!(task_id, "No node can take the task; rejecting it");
-            self.outbox.push(WorkerMessage::rejected_at_capacity(task_id));
+            self.outbox
+                .push(WorkerMessage::rejected_at_capacity(task_id));
             return;
         };
         state.placements += 1;
@@ -247,10 +256,18 @@ impl Fleet {
             oz_assignment_json: task.assignment_json.clone().unwrap_or_default(),
             settings: Some(self.settings.clone()),
         });
-        let node = state.nodes.get_mut(&node_id).expect("candidate nodes exist");
+        let node = state
+            .nodes
+            .get_mut(&node_id)
+            .expect("candidate nodes exist");
         node.tasks.insert(task_id.to_owned());
         node.last_placed = offer;
-        info!(task_id, node_id, node_name = node.hello.node_name, "Offering task to node");
+        info!(
+            task_id,
+            node_id,
+            node_name = node.hello.node_name,
+            "Offering task to node"
+        );
         node.send(message);
         self.expire_offer_later(task_id.to_owned(), offer);
     }
@@ -267,7 +284,10 @@ impl Fleet {
                 .get(&task_id)
                 .is_some_and(|task| task.phase == Phase::Offered { offer });
             if still_pending {
-                warn!(task_id, "Node did not answer the offer in time; placing elsewhere");
+                warn!(
+                    task_id,
+                    "Node did not answer the offer in time; placing elsewhere"
+                );
                 fleet.take_back(&mut state, &task_id, true);
             }
         });
@@ -314,7 +334,10 @@ impl Fleet {
             last_placed: 0,
         });
         if node.stream.is_some() {
-            info!(node_id, epoch, "Node reconnected; fencing its previous connection");
+            info!(
+                node_id,
+                epoch, "Node reconnected; fencing its previous connection"
+            );
         }
         node.hello = hello.clone();
         node.epoch = epoch;
@@ -388,13 +411,18 @@ impl Fleet {
             } else if finished.contains(task_id.as_str()) {
                 // Settled below, from the outcome itself.
             } else if let Phase::Offered { .. } = task.phase {
-                debug!(task_id, node_id, "Offer lost with the old connection; offering again");
+                debug!(
+                    task_id,
+                    node_id, "Offer lost with the old connection; offering again"
+                );
                 self.take_back(state, &task_id, false);
             } else {
                 let node_name = state.nodes[node_id].hello.node_name.clone();
-                self.lose_task(state, &task_id, &format!(
-                    "node {node_name} ({node_id}) restarted and no longer runs the task"
-                ));
+                self.lose_task(
+                    state,
+                    &task_id,
+                    &format!("node {node_name} ({node_id}) restarted and no longer runs the task"),
+                );
             }
         }
 
@@ -474,7 +502,10 @@ impl Fleet {
     }
 
     fn accepted(&self, state: &mut FleetState, node_id: &str, task_id: &str) {
-        let task = state.tasks.get_mut(task_id).expect("caller checked the task");
+        let task = state
+            .tasks
+            .get_mut(task_id)
+            .expect("caller checked the task");
         task.phase = Phase::Running;
         info!(task_id, node_id, "Node accepted the task; claiming it");
         self.outbox
@@ -492,10 +523,18 @@ impl Fleet {
                 && matches!(task.phase, Phase::Offered { .. })
         });
         if offered_here {
-            info!(task_id = refused.task_id, node_id, reason = refused.reason, "Node refused the task");
+            info!(
+                task_id = refused.task_id,
+                node_id,
+                reason = refused.reason,
+                "Node refused the task"
+            );
             self.take_back(&mut state, &refused.task_id, true);
         } else {
-            debug!(task_id = refused.task_id, node_id, "Refusal for an offer already withdrawn");
+            debug!(
+                task_id = refused.task_id,
+                node_id, "Refusal for an offer already withdrawn"
+            );
         }
     }
 
@@ -537,7 +576,12 @@ impl Fleet {
         };
         if relay {
             let message = upstream_message(&outcome);
-            info!(task_id, node_id, outcome = message.message_type(), "Task finished");
+            info!(
+                task_id,
+                node_id,
+                outcome = message.message_type(),
+                "Task finished"
+            );
             self.outbox.push(message);
             state.finished_order.push_back(key.clone());
             state.finished.insert(key);
@@ -585,7 +629,10 @@ impl Fleet {
             .tasks
             .iter()
             .filter(|task_id| {
-                matches!(state.tasks.get(*task_id).map(|t| t.phase), Some(Phase::Offered { .. }))
+                matches!(
+                    state.tasks.get(*task_id).map(|t| t.phase),
+                    Some(Phase::Offered { .. })
+                )
             })
             .cloned()
             .collect();
@@ -633,7 +680,11 @@ fn upstream_message(outcome: &TaskOutcome) -> WorkerMessage {
         Some(task_outcome::Result::Cancelled(_)) => WorkerMessage::cancelled(task_id),
         Some(task_outcome::Result::Failed(failed)) => {
             let reason = FailureReason::parse(&failed.failure_reason).unwrap_or_else(|| {
-                warn!(task_id, reason = failed.failure_reason, "Unknown failure reason from node");
+                warn!(
+                    task_id,
+                    reason = failed.failure_reason,
+                    "Unknown failure reason from node"
+                );
                 FailureReason::Unknown
             });
             WorkerMessage::failed(task_id, reason, failed.message.clone(), failed.exit_code)

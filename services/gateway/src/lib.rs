@@ -71,7 +71,11 @@ pub async fn run(
     // Validate before anything starts, so a bad URL fails the process instead of a loop.
     upstream::connect_url(&config.upstream.web_socket_url, &config.upstream.worker_id)?;
     let outbox = Arc::new(outbox::Outbox::default());
-    let fleet = Fleet::new(outbox.clone(), config.settings.clone(), config.timings.clone());
+    let fleet = Fleet::new(
+        outbox.clone(),
+        config.settings.clone(),
+        config.timings.clone(),
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -115,7 +119,10 @@ pub async fn run(
 
     fleet.close_node_streams();
     server_stop.cancel();
-    if tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server).await.is_err() {
+    if tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server)
+        .await
+        .is_err()
+    {
         warn!("Node API server did not stop within {SERVER_STOP_TIMEOUT:?}; abandoning it");
         server.abort();
     }

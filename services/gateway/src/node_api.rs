@@ -27,7 +27,9 @@ impl JoinToken {
     pub fn new(token: impl Into<String>) -> Result<Self, GatewayError> {
         let token = token.into().trim().to_owned();
         if token.is_empty() {
-            return Err(GatewayError::InvalidConfig("the join token is empty".into()));
+            return Err(GatewayError::InvalidConfig(
+                "the join token is empty".into(),
+            ));
         }
         Ok(Self(token))
     }
@@ -139,7 +141,9 @@ impl NodeService for NodeApi {
             }
             fleet.detach(&node_id, epoch);
         });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
+            receiver,
+        ))))
     }
 }
 
@@ -154,7 +158,9 @@ fn dispatch(fleet: &Fleet, node_id: &str, epoch: u64, message: AttachRequest) {
         Some(attach_request::Kind::Hello(_)) => {
             warn!(node_id, "Ignoring a hello that names another node id");
         }
-        Some(attach_request::Kind::Accepted(accepted)) => fleet.on_accepted(node_id, epoch, accepted),
+        Some(attach_request::Kind::Accepted(accepted)) => {
+            fleet.on_accepted(node_id, epoch, accepted)
+        }
         Some(attach_request::Kind::Refused(refused)) => fleet.on_refused(node_id, epoch, refused),
         Some(attach_request::Kind::Outcome(outcome)) => fleet.on_outcome(node_id, epoch, outcome),
         None => warn!(node_id, "Ignoring an empty message from node"),

@@ -43,7 +43,10 @@ impl Outbox {
 
     pub fn mark_sent(&self, sent: &Queued) {
         let mut queue = self.queue.lock().expect("outbox lock poisoned");
-        if queue.front().is_some_and(|front| front.sequence == sent.sequence) {
+        if queue
+            .front()
+            .is_some_and(|front| front.sequence == sent.sequence)
+        {
             queue.pop_front();
         }
         let more = !queue.is_empty();

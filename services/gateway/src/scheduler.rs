@@ -21,7 +21,8 @@ impl Candidate<'_> {
     }
 
     fn free_slots(&self) -> u32 {
-        self.capacity.map_or(u32::MAX, |capacity| capacity.saturating_sub(self.load))
+        self.capacity
+            .map_or(u32::MAX, |capacity| capacity.saturating_sub(self.load))
     }
 }
 
@@ -66,7 +67,11 @@ mod tests {
 
     #[test]
     fn least_loaded_node_wins() {
-        let nodes = [node("a", 3, None, 1), node("b", 1, None, 2), node("c", 2, None, 3)];
+        let nodes = [
+            node("a", 3, None, 1),
+            node("b", 1, None, 2),
+            node("c", 2, None, 3),
+        ];
         assert_eq!(pick(&nodes, &none_excluded()), Some("b"));
     }
 
@@ -80,7 +85,10 @@ mod tests {
 
     #[test]
     fn zero_capacity_means_no_room_only_when_declared() {
-        let nodes = [node("limited", 0, Some(0), 0), node("unlimited", 7, None, 0)];
+        let nodes = [
+            node("limited", 0, Some(0), 0),
+            node("unlimited", 7, None, 0),
+        ];
         assert_eq!(pick(&nodes, &none_excluded()), Some("unlimited"));
     }
 

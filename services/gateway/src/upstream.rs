@@ -73,7 +73,9 @@ impl std::fmt::Debug for UpstreamConfig {
 /// re-encoded with sorted keys, as Go's `url.Values.Encode` does.
 pub fn connect_url(web_socket_url: &str, worker_id: &str) -> Result<Url, GatewayError> {
     let mut url = Url::parse(web_socket_url).map_err(|error| {
-        GatewayError::InvalidConfig(format!("invalid --web-socket-url {web_socket_url:?}: {error}"))
+        GatewayError::InvalidConfig(format!(
+            "invalid --web-socket-url {web_socket_url:?}: {error}"
+        ))
     })?;
     if !matches!(url.scheme(), "ws" | "wss") {
         return Err(GatewayError::InvalidConfig(format!(
@@ -152,16 +154,19 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
     let bearer = format!("Bearer {}", config.api_key)
         .parse()
         .map_err(|_| "the API key contains characters not allowed in an HTTP header".to_string())?;
-    request.headers_mut().insert(http::header::AUTHORIZATION, bearer);
+    request
+        .headers_mut()
+        .insert(http::header::AUTHORIZATION, bearer);
     let handshake = tokio_tungstenite::connect_async(request);
     match tokio::time::timeout(config.keepalive.handshake_timeout, handshake).await {
         Err(_) => Err(format!(
             "handshake timed out after {:?}",
             config.keepalive.handshake_timeout
         )),
-        Ok(Err(tungstenite::Error::Http(response))) => {
-            Err(format!("handshake rejected with HTTP status {}", response.status()))
-        }
+        Ok(Err(tungstenite::Error::Http(response))) => Err(format!(
+            "handshake rejected with HTTP status {}",
+            response.status()
+        )),
         Ok(Err(error)) => Err(error.to_string()),
         Ok(Ok((socket, _response))) => Ok(socket),
     }
@@ -245,9 +250,13 @@ async fn drain_and_close(socket: &mut Socket, keepalive: &Keepalive, outbox: &Ou
         let Ok(queued) = tokio::time::timeout_at(deadline, outbox.front()).await else {
             break;
         };
-        if write(socket, Message::text(queued.message.to_frame()), keepalive.write_timeout)
-            .await
-            .is_err()
+        if write(
+            socket,
+            Message::text(queued.message.to_frame()),
+            keepalive.write_timeout,
+        )
+        .await
+        .is_err()
         {
             break;
         }
@@ -283,7 +292,10 @@ mod tests {
     #[test]
     fn worker_id_is_set_and_other_parameters_kept_sorted() {
         let url = connect_url("wss://oz.example/ws?zeta=1&worker_id=old&alpha=a+b", "w 1").unwrap();
-        assert_eq!(url.as_str(), "wss://oz.example/ws?alpha=a+b&worker_id=w+1&zeta=1");
+        assert_eq!(
+            url.as_str(),
+            "wss://oz.example/ws?alpha=a+b&worker_id=w+1&zeta=1"
+        );
         let url = connect_url(oz::DEFAULT_WEB_SOCKET_URL, "edge-1").unwrap();
         assert_eq!(
             url.as_str(),
@@ -295,7 +307,9 @@ mod tests {
     fn bad_urls_are_rejected_naming_the_flag() {
         let error = connect_url("not a url", "w").unwrap_err().to_string();
         assert!(error.contains("--web-socket-url"), "{error}");
-        let error = connect_url("https://oz.example/ws", "w").unwrap_err().to_string();
+        let error = connect_url("https://oz.example/ws", "w")
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("scheme must be ws or wss"), "{error}");
     }
 }

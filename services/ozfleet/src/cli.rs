@@ -166,6 +166,16 @@ pub struct DevArgs {
 }
 
 pub fn main() -> ExitCode {
+    let program = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|path| {
+            path.file_name()
+                .map(|name| name.to_string_lossy().into_owned())
+        });
+    if program.as_deref() == Some(crate::demo_agent::PROGRAM_NAME) {
+        return crate::demo_agent::main();
+    }
     let cli = Cli::parse();
     let log_level = match &cli.command {
         Command::Gateway(args) => args.log_level,

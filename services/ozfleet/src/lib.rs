@@ -2,6 +2,7 @@
 
 mod cli;
 mod commands;
+mod demo_agent;
 mod runtime;
 
 pub use cli::main;

@@ -22,9 +22,10 @@ pub fn shutdown_on_signal() -> CancellationToken {
     let trigger = token.clone();
     tokio::spawn(async move {
         use tokio::signal::unix::{SignalKind, signal};
-        let (Ok(mut interrupt), Ok(mut terminate)) =
-            (signal(SignalKind::interrupt()), signal(SignalKind::terminate()))
-        else {
+        let (Ok(mut interrupt), Ok(mut terminate)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) else {
             warn!("Cannot install signal handlers; stop the process with SIGKILL");
             return;
         };

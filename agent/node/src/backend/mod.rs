@@ -71,7 +71,11 @@ impl Backend {
     /// Runs the task to its end. When `cancel` fires the task is stopped (gracefully,
     /// then forcibly after the backend's grace period) and a `TaskCancelled` failure is
     /// returned.
-    pub async fn execute(&self, task: TaskRun, cancel: CancellationToken) -> Result<(), TaskFailure> {
+    pub async fn execute(
+        &self,
+        task: TaskRun,
+        cancel: CancellationToken,
+    ) -> Result<(), TaskFailure> {
         match self {
             Self::Direct(backend) => backend.execute(task, cancel).await,
         }

@@ -108,9 +108,7 @@ impl ControlPlane {
             body.to_owned(),
         );
         blocking(move || {
-            let mut request = http
-                .post(&url)
-                .header("Content-Type", "application/json");
+            let mut request = http.post(&url).header("Content-Type", "application/json");
             if let Some(token) = bearer {
                 request = request.header("Authorization", format!("Bearer {token}"));
             }

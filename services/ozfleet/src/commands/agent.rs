@@ -16,7 +16,11 @@ const CANCEL_GRACE: Duration = Duration::from_secs(10);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
-    let file = args.config_file.as_deref().map(FileConfig::load).transpose()?;
+    let file = args
+        .config_file
+        .as_deref()
+        .map(FileConfig::load)
+        .transpose()?;
     let flags = WorkerFlags {
         backend: args.backend.clone(),
         worker_id: None,

@@ -14,7 +14,10 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<ExitCode> {
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("cannot listen on {}", args.listen))?;
-    tracing::info!("Control plane listening on http://{}", listener.local_addr()?);
+    tracing::info!(
+        "Control plane listening on http://{}",
+        listener.local_addr()?
+    );
     let config = ControlPlaneConfig {
         api_key: args.api_key,
         database_path: args.database,

@@ -24,7 +24,6 @@ use crate::runtime::shutdown_on_signal;
 
 const API_KEY: &str = "ozfleet-dev-key";
 const WORKER_ID: &str = "ozfleet-dev";
-const DEMO_AGENT: &str = "oz-demo-agent";
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
 const TERMINAL_STATES: [&str; 4] = ["SUCCEEDED", "FAILED", "CANCELLED", "ERROR"];
 
@@ -40,9 +39,7 @@ struct Part {
 }
 
 impl Part {
-    fn spawn(
-        start: impl FnOnce(CancellationToken) -> JoinHandle<anyhow::Result<()>>,
-    ) -> Self {
+    fn spawn(start: impl FnOnce(CancellationToken) -> JoinHandle<anyhow::Result<()>>) -> Self {
         let stop = CancellationToken::new();
         let task = start(stop.clone());
         Self { stop, task }
@@ -60,19 +57,24 @@ impl Part {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let shutdown = shutdown_on_signal();
-    let demo_agent = demo_agent_path()?;
     let workdir = tempfile::Builder::new()
         .prefix("ozfleet-dev-")
         .tempdir()
         .context("cannot create a working directory")?;
+    let demo_agent = install_demo_agent(workdir.path())?;
     let stack = start(&args, workdir.path(), &demo_agent).await?;
     let base_url = format!("http://{}", args.listen);
     let api = Api::new(&base_url);
 
     println!("ozfleet dev stack is up:");
     println!("  control plane  {base_url}  (API key: {API_KEY})");
-    println!("  gateway        worker id {WORKER_ID:?}, one outbound WebSocket to the control plane");
-    println!("  node agent     Direct backend, oz_path = {}", demo_agent.display());
+    println!(
+        "  gateway        worker id {WORKER_ID:?}, one outbound WebSocket to the control plane"
+    );
+    println!(
+        "  node agent     Direct backend, oz_path = {}",
+        demo_agent.display()
+    );
     println!("  working dir    {}", workdir.path().display());
     println!();
 
@@ -96,24 +98,26 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// The demo agent ships next to the `ozfleet` binary (same cargo build).
-fn demo_agent_path() -> anyhow::Result<PathBuf> {
+/// The demo agent is this very binary under another name: link it into the working dir.
+fn install_demo_agent(workdir: &Path) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("cannot locate the ozfleet executable")?;
-    let path = exe.with_file_name(DEMO_AGENT);
-    if !path.is_file() {
-        bail!(
-            "{} not found; build it with `cargo build --release` (it is part of the ozfleet package)",
-            path.display()
-        );
-    }
+    let path = workdir.join(crate::demo_agent::PROGRAM_NAME);
+    std::os::unix::fs::symlink(&exe, &path)
+        .with_context(|| format!("cannot link {} to {}", path.display(), exe.display()))?;
     Ok(path)
 }
 
 async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Result<Stack> {
     let http_listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {} (pass --listen to pick another address)", args.listen))?;
-    let node_listener = tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (pass --listen to pick another address)",
+                args.listen
+            )
+        })?;
+    let node_listener =
+        tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let gateway_address = node_listener.local_addr()?;
     // A fresh secret per dev session; nodes of other sessions cannot join this one.
     let join_token = uuid::Uuid::new_v4().simple().to_string();
@@ -245,7 +249,10 @@ async fn follow(api: &Api, run_id: &str, until: Option<&str>) -> anyhow::Result<
         let item = api.get(run_id).await?;
         let state = item["state"].as_str().unwrap_or("?").to_owned();
         if state != seen {
-            println!("  {run_id}  {state:<10} +{:.2}s", started.elapsed().as_secs_f64());
+            println!(
+                "  {run_id}  {state:<10} +{:.2}s",
+                started.elapsed().as_secs_f64()
+            );
             seen = state.clone();
         }
         if TERMINAL_STATES.contains(&state.as_str()) || until == Some(state.as_str()) {
@@ -283,7 +290,9 @@ fn print_examples(base_url: &str) {
     let auth = format!("-H 'Authorization: Bearer {API_KEY}'");
     println!("The stack keeps serving; press Ctrl-C to stop. Try:");
     println!();
-    println!("  # submit a run (prompts containing \"fail\", \"exit N\" or \"sleep N\" steer the demo agent)");
+    println!(
+        "  # submit a run (prompts containing \"fail\", \"exit N\" or \"sleep N\" steer the demo agent)"
+    );
     println!(
         "  curl -s {auth} -H 'Content-Type: application/json' \\\n    -d '{{\"prompt\":\"Say hello\",\"config\":{{\"worker_host\":\"{WORKER_ID}\"}}}}' \\\n    {base_url}/api/v1/agent/runs"
     );
@@ -317,15 +326,28 @@ impl Api {
         }
     }
 
-    async fn call(&self, method: &'static str, path: String, body: Option<Value>) -> anyhow::Result<Value> {
+    async fn call(
+        &self,
+        method: &'static str,
+        path: String,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
         let api = self.clone();
         tokio::task::spawn_blocking(move || {
             let url = format!("{}{path}", api.base_url);
             let auth = format!("Bearer {API_KEY}");
             let mut response = match (method, body) {
                 ("GET", _) => api.agent.get(&url).header("Authorization", &auth).call(),
-                (_, Some(body)) => api.agent.post(&url).header("Authorization", &auth).send_json(body),
-                (_, None) => api.agent.post(&url).header("Authorization", &auth).send_empty(),
+                (_, Some(body)) => api
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &auth)
+                    .send_json(body),
+                (_, None) => api
+                    .agent
+                    .post(&url)
+                    .header("Authorization", &auth)
+                    .send_empty(),
             }
             .with_context(|| format!("{method} {url}"))?;
             let status = response.status();
@@ -342,18 +364,25 @@ impl Api {
     }
 
     async fn create(&self, prompt: &str) -> anyhow::Result<String> {
-        let body = json!({ "prompt": prompt, "title": prompt, "config": { "worker_host": WORKER_ID } });
-        let created = self.call("POST", "/api/v1/agent/runs".into(), Some(body)).await?;
-        let run_id = created["run_id"].as_str().context("no run_id in the response")?;
+        let body =
+            json!({ "prompt": prompt, "title": prompt, "config": { "worker_host": WORKER_ID } });
+        let created = self
+            .call("POST", "/api/v1/agent/runs".into(), Some(body))
+            .await?;
+        let run_id = created["run_id"]
+            .as_str()
+            .context("no run_id in the response")?;
         println!("  POST /api/v1/agent/runs {{\"prompt\": {prompt:?}}} → run {run_id}");
         Ok(run_id.to_owned())
     }
 
     async fn get(&self, run_id: &str) -> anyhow::Result<Value> {
-        self.call("GET", format!("/api/v1/agent/runs/{run_id}"), None).await
+        self.call("GET", format!("/api/v1/agent/runs/{run_id}"), None)
+            .await
     }
 
     async fn cancel(&self, run_id: &str) -> anyhow::Result<Value> {
-        self.call("POST", format!("/api/v1/agent/runs/{run_id}/cancel"), None).await
+        self.call("POST", format!("/api/v1/agent/runs/{run_id}/cancel"), None)
+            .await
     }
 }

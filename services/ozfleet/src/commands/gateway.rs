@@ -21,7 +21,11 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
     if args.api_key.trim().is_empty() {
         bail!("--api-key (or WARP_API_KEY) is empty");
     }
-    let file = args.config_file.as_deref().map(FileConfig::load).transpose()?;
+    let file = args
+        .config_file
+        .as_deref()
+        .map(FileConfig::load)
+        .transpose()?;
     let flags = WorkerFlags {
         backend: None,
         worker_id: args.worker_id.clone(),

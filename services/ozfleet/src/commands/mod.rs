@@ -15,9 +15,9 @@ fn join_token(args: &JoinTokenArgs) -> anyhow::Result<String> {
         (Some(path), _) => std::fs::read_to_string(path)
             .with_context(|| format!("cannot read join token file {}", path.display()))?,
         (None, Some(token)) => token.clone(),
-        (None, None) => bail!(
-            "a join token is required: pass --join-token-file or set OZFLEET_JOIN_TOKEN"
-        ),
+        (None, None) => {
+            bail!("a join token is required: pass --join-token-file or set OZFLEET_JOIN_TOKEN")
+        }
     };
     let token = token.trim().to_owned();
     if token.is_empty() {

@@ -1,5 +1,6 @@
-//! A stand-in for the `oz` CLI, for demos and tests: invoked as `oz agent run …` by a
-//! backend, it fetches its run from the server the way oz does (`--server-root-url`,
+//! A stand-in for the `oz` CLI, for demos and tests. `ozfleet` becomes this program when
+//! started under the name `oz-demo-agent` (a symlink, busybox style), so the demo needs no
+//! second binary. Invoked as `oz agent run …` by a backend, it fetches its run from the server the way oz does (`--server-root-url`,
 //! `--task-id`, the task's `WARP_API_KEY`), prints its argv, environment names and prompt,
 //! and then does what the prompt says:
 //!
@@ -10,7 +11,10 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
-fn main() -> ExitCode {
+/// Name under which `ozfleet` acts as the demo agent.
+pub const PROGRAM_NAME: &str = "oz-demo-agent";
+
+pub fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     println!("oz-demo-agent: argv: {}", args.join(" "));
     let mut names: Vec<String> = std::env::vars_os()
@@ -19,9 +23,10 @@ fn main() -> ExitCode {
     names.sort();
     println!("oz-demo-agent: env names: {}", names.join(", "));
 
-    let (Some(task_id), Some(server_root_url)) =
-        (flag_value(&args, "--task-id"), flag_value(&args, "--server-root-url"))
-    else {
+    let (Some(task_id), Some(server_root_url)) = (
+        flag_value(&args, "--task-id"),
+        flag_value(&args, "--server-root-url"),
+    ) else {
         eprintln!("oz-demo-agent: expected `agent run --task-id ID --server-root-url URL …`");
         return ExitCode::from(2);
     };
@@ -39,7 +44,8 @@ fn main() -> ExitCode {
         .filter(|word| !word.is_empty())
         .map(str::to_ascii_lowercase)
         .collect();
-    if let Some(seconds) = number_near(&words, "sleep").or_else(|| number_before(&words, "seconds")) {
+    if let Some(seconds) = number_near(&words, "sleep").or_else(|| number_before(&words, "seconds"))
+    {
         println!("oz-demo-agent: sleeping {seconds} s");
         let status = std::process::Command::new("sleep")
             .arg(seconds.to_string())
@@ -83,7 +89,8 @@ fn number_before(words: &[String], keyword: &str) -> Option<u64> {
 }
 
 fn fetch_prompt(server_root_url: &str, task_id: &str) -> Result<String, String> {
-    let api_key = std::env::var("WARP_API_KEY").map_err(|_| "WARP_API_KEY is not set".to_string())?;
+    let api_key =
+        std::env::var("WARP_API_KEY").map_err(|_| "WARP_API_KEY is not set".to_string())?;
     let url = format!(
         "{}/api/v1/agent/runs/{task_id}",
         server_root_url.trim_end_matches('/')
