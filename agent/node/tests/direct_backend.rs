@@ -893,7 +893,7 @@ sleep 1000"#,
 }
 
 #[tokio::test]
-async fn shutdown_removes_only_workspaces_this_backend_used() {
+async fn shutdown_keeps_kept_workspaces_and_never_touches_other_agents_ones() {
     let fx = Fixture::new("exit 0");
     let backend = fx.backend(|config| config.cleanup = false);
     run(&backend, fx.task("task-a")).await.expect("success");
@@ -903,5 +903,10 @@ async fn shutdown_removes_only_workspaces_this_backend_used() {
     std::fs::remove_dir_all(fx.workspace("task-b")).unwrap();
 
     backend.shutdown(Duration::from_secs(5)).await;
-    assert_eq!(entries(&fx.root), vec!["other-agents-task"]);
+    assert_eq!(entries(&fx.root), vec!["other-agents-task", "task-a"]);
+
+    let cleaning = fx.backend(|_| {});
+    run(&cleaning, fx.task("task-c")).await.expect("success");
+    cleaning.shutdown(Duration::from_secs(5)).await;
+    assert_eq!(entries(&fx.root), vec!["other-agents-task", "task-a"]);
 }

@@ -505,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn reopening_keeps_the_schema_version() {
+    fn reopening_keeps_the_schema_version_and_wal_mode() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("runs.db");
         drop(Store::open(&path).unwrap());
@@ -515,6 +515,11 @@ mod tests {
             .pragma_query_value(None, "user_version", |row| row.get(0))
             .unwrap();
         assert_eq!(version, SCHEMA_VERSION);
+        let journal_mode: String = store
+            .connection()
+            .pragma_query_value(None, "journal_mode", |row| row.get(0))
+            .unwrap();
+        assert_eq!(journal_mode, "wal");
     }
 
     #[test]

@@ -18,19 +18,19 @@ use crate::store::{Outcome, RunState, StoreError, Timestamp};
 
 /// The connection a message arrived on.
 #[derive(Debug, Clone, Copy)]
-pub struct Sender<'a> {
+pub struct Origin<'a> {
     pub connection: ConnectionId,
     pub worker_id: &'a str,
 }
 
 impl Dispatcher {
-    pub fn handle_worker_frame(&self, sender: Sender<'_>, frame: &str) {
+    pub fn handle_worker_frame(&self, origin: Origin<'_>, frame: &str) {
         let message = match parse_worker_message(frame) {
             Ok(message) => message,
             Err(error) => {
                 warn!(
                     "ignoring a malformed frame from worker {} (connection {}): {error}",
-                    sender.worker_id, sender.connection
+                    origin.worker_id, origin.connection
                 );
                 return;
             }
@@ -38,33 +38,31 @@ impl Dispatcher {
         let message_type = message.message_type();
         let run_id = message.task_id().to_owned();
         let handled = match message {
-            WorkerMessage::TaskClaimed(claimed) => self.on_task_claimed(sender, claimed),
+            WorkerMessage::TaskClaimed(claimed) => self.on_task_claimed(origin, claimed),
             WorkerMessage::TaskRejected(rejected) => {
-                self.on_task_rejected(sender, rejected);
+                self.on_task_rejected(origin, rejected);
                 Ok(())
             }
             WorkerMessage::TaskCompleted(completed) => {
-                let outcome = completion_outcome(&completed);
-                self.on_task_finished(sender, &completed.task_id, outcome)
+                self.on_task_finished(origin, &run_id, completion_outcome(&completed))
             }
             WorkerMessage::TaskFailed(failed) => {
-                let outcome = failure_outcome(failed.clone());
-                self.on_task_finished(sender, &failed.task_id, outcome)
+                self.on_task_finished(origin, &run_id, failure_outcome(failed))
             }
         };
         if let Err(error) = handled {
             error!(
                 "cannot record {message_type} for run {run_id} from worker {}: {error}",
-                sender.worker_id
+                origin.worker_id
             );
         }
     }
 
-    fn on_task_claimed(&self, sender: Sender<'_>, claimed: TaskClaimed) -> Result<(), StoreError> {
-        let Sender {
+    fn on_task_claimed(&self, origin: Origin<'_>, claimed: TaskClaimed) -> Result<(), StoreError> {
+        let Origin {
             connection,
             worker_id,
-        } = sender;
+        } = origin;
         let run_id = claimed.task_id.as_str();
         let mut fleet = self.lock_fleet();
         let Some(run) = self.store.get(run_id)? else {
@@ -96,11 +94,11 @@ impl Dispatcher {
         Ok(())
     }
 
-    fn on_task_rejected(&self, sender: Sender<'_>, rejected: TaskRejected) {
-        let Sender {
+    fn on_task_rejected(&self, origin: Origin<'_>, rejected: TaskRejected) {
+        let Origin {
             connection,
             worker_id,
-        } = sender;
+        } = origin;
         let run_id = rejected.task_id.as_str();
         let mut fleet = self.lock_fleet();
         if fleet.take_offer(run_id, connection).is_none() {
@@ -123,11 +121,11 @@ impl Dispatcher {
 
     fn on_task_finished(
         &self,
-        sender: Sender<'_>,
+        origin: Origin<'_>,
         run_id: &str,
         outcome: Outcome,
     ) -> Result<(), StoreError> {
-        let worker_id = sender.worker_id;
+        let worker_id = origin.worker_id;
         let mut fleet = self.lock_fleet();
         let Some(run) = self.store.get(run_id)? else {
             warn!("ignoring a report from worker {worker_id} for unknown run {run_id}");

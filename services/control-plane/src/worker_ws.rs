@@ -21,7 +21,7 @@ use tracing::{info, warn};
 
 use crate::AppState;
 use crate::error::ApiError;
-use crate::worker_messages::Sender;
+use crate::worker_messages::Origin;
 
 const PING_INTERVAL: Duration = Duration::from_secs(30);
 /// A connection that sends nothing, not even a pong, for this long is dead.
@@ -63,11 +63,11 @@ async fn serve_worker(socket: WebSocket, worker_id: String, state: Arc<AppState>
     let (outbox, frames) = mpsc::unbounded_channel();
     let connection = state.dispatcher.worker_connected(&worker_id, outbox);
     info!("worker {worker_id} connected (connection {connection})");
-    let sender = Sender {
+    let origin = Origin {
         connection,
         worker_id: &worker_id,
     };
-    let end = drive(socket, frames, &state, sender).await;
+    let end = drive(socket, frames, &state, origin).await;
     state.dispatcher.worker_disconnected(connection, &worker_id);
     info!("worker {worker_id} disconnected (connection {connection}): {end}");
 }
@@ -97,7 +97,7 @@ async fn drive(
     socket: WebSocket,
     mut frames: mpsc::UnboundedReceiver<String>,
     state: &AppState,
-    sender: Sender<'_>,
+    origin: Origin<'_>,
 ) -> ConnectionEnd {
     let (mut sink, mut stream) = socket.split();
     let mut pings = interval_at(Instant::now() + PING_INTERVAL, PING_INTERVAL);
@@ -113,7 +113,7 @@ async fn drive(
             () = sleep_until(silent_after) => return ConnectionEnd::Silent,
             incoming = stream.next() => {
                 silent_after = Instant::now() + READ_TIMEOUT;
-                match read(incoming, state, sender) {
+                match read(incoming, state, origin) {
                     Some(end) => return end,
                     None => Ok(()),
                 }
@@ -129,19 +129,19 @@ async fn drive(
 fn read(
     incoming: Option<Result<Message, axum::Error>>,
     state: &AppState,
-    sender: Sender<'_>,
+    origin: Origin<'_>,
 ) -> Option<ConnectionEnd> {
     match incoming {
         None | Some(Ok(Message::Close(_))) => Some(ConnectionEnd::ClosedByWorker),
         Some(Err(error)) => Some(ConnectionEnd::ReadFailed(error)),
         Some(Ok(Message::Text(text))) => {
-            state.dispatcher.handle_worker_frame(sender, text.as_str());
+            state.dispatcher.handle_worker_frame(origin, text.as_str());
             None
         }
         Some(Ok(Message::Binary(_))) => {
             warn!(
                 "ignoring a binary frame from worker {} (connection {}): the protocol uses text frames",
-                sender.worker_id, sender.connection
+                origin.worker_id, origin.connection
             );
             None
         }

@@ -228,6 +228,12 @@ impl DirectBackend {
         if workspaces.is_empty() {
             return;
         }
+        // Unlike the reference, --no-cleanup also keeps workspaces across a shutdown: they
+        // are kept for inspection, and a restart is when an operator wants to look.
+        if !self.config.cleanup {
+            tracing::info!(count = workspaces.len(), "keeping task workspaces (cleanup disabled)");
+            return;
+        }
         let removal = tokio::task::spawn_blocking(move || {
             for dir in workspaces {
                 match remove_dir_all_if_exists(&dir) {

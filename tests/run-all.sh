@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# The whole test suite: formatting, proto lint, clippy, unit, integration and
+# end-to-end tests. Installs what it needs (see tests/install-tools.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bin_dir="$(tests/install-tools.sh)"
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== buf lint proto/"
+"$bin_dir/buf" lint
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
