@@ -17,7 +17,7 @@ use ozfleet_proto::v1::{
 use tonic::Status;
 use tracing::{debug, info, warn};
 
-use crate::outbox::Outbox;
+use crate::outbox::{Outbox, Queued, Receipt};
 use crate::scheduler::{self, Candidate};
 
 pub type NodeSender = tokio::sync::mpsc::UnboundedSender<Result<AttachResponse, Status>>;
@@ -56,8 +56,11 @@ pub struct Fleet {
 struct FleetState {
     nodes: HashMap<String, Node>,
     tasks: HashMap<String, Task>,
+    /// Executions the gateway is done with (outcome relayed, or rejected upstream).
     finished: HashSet<(String, String)>,
     finished_order: VecDeque<(String, String)>,
+    /// Relayed outcomes still waiting in the outbox; acknowledged once written.
+    unsent_outcomes: HashSet<(String, String)>,
     next_epoch: u64,
     placements: u64,
 }
@@ -239,7 +242,8 @@ impl Fleet {
             .collect();
         let Some(node_id) = scheduler::pick(&candidates, &task.refused_by).map(str::to_owned)
         else {
-            state.tasks.remove(task_id);
+            let task = state.tasks.remove(task_id).expect("task checked above");
+            remember_finished(state, task_id, &task.execution_id);
             info!(task_id, "No node can take the task; rejecting it");
             self.outbox
                 .push(WorkerMessage::rejected_at_capacity(task_id));
@@ -299,11 +303,19 @@ impl Fleet {
             return;
         };
         let node_id = std::mem::take(&mut task.node_id);
+        let cancelled = task.cancel_requested;
         if exclude_node {
             task.refused_by.insert(node_id.clone());
         }
         if let Some(node) = state.nodes.get_mut(&node_id) {
             node.tasks.remove(task_id);
+        }
+        if cancelled {
+            // Oz cancelled it before any node claimed it: nothing is left to run or report.
+            info!(task_id, "Dropping a task cancelled before it was claimed");
+            let task = state.tasks.remove(task_id).expect("task checked above");
+            remember_finished(state, task_id, &task.execution_id);
+            return;
         }
         self.place(state, task_id);
     }
@@ -383,10 +395,10 @@ impl Fleet {
             .iter()
             .map(|task| (task.task_id.as_str(), task.execution_id.as_str()))
             .collect();
-        let finished: HashSet<&str> = hello
+        let finished: HashSet<(&str, &str)> = hello
             .unacknowledged_outcomes
             .iter()
-            .map(|outcome| outcome.task_id.as_str())
+            .map(|outcome| (outcome.task_id.as_str(), outcome.execution_id.as_str()))
             .collect();
 
         // Tasks the gateway placed on this node.
@@ -408,7 +420,7 @@ impl Fleet {
                         },
                     ));
                 }
-            } else if finished.contains(task_id.as_str()) {
+            } else if finished.contains(&(task_id.as_str(), task.execution_id.as_str())) {
                 // Settled below, from the outcome itself.
             } else if let Phase::Offered { .. } = task.phase {
                 debug!(
@@ -436,6 +448,21 @@ impl Fleet {
                         node_id,
                         owner = task.node_id,
                         "Node runs a task placed elsewhere; telling it to stop"
+                    );
+                    state.nodes[node_id].send(attach_response::Kind::Cancellation(
+                        v1::TaskCancellation {
+                            task_id: (*task_id).to_owned(),
+                            execution_id: (*execution_id).to_owned(),
+                        },
+                    ));
+                }
+                None if state
+                    .finished
+                    .contains(&((*task_id).to_owned(), (*execution_id).to_owned())) =>
+                {
+                    warn!(
+                        task_id,
+                        node_id, "Node runs a task that was already settled upstream; telling it to stop"
                     );
                     state.nodes[node_id].send(attach_response::Kind::Cancellation(
                         v1::TaskCancellation {
@@ -491,13 +518,24 @@ impl Fleet {
                 && task.execution_id == accepted.execution_id
                 && matches!(task.phase, Phase::Offered { .. })
         });
+        let running_here = state.tasks.get(&accepted.task_id).is_some_and(|task| {
+            task.node_id == node_id
+                && task.execution_id == accepted.execution_id
+                && task.phase == Phase::Running
+        });
         if offered_here {
             self.accepted(&mut state, node_id, &accepted.task_id);
-        } else {
+        } else if !running_here {
+            // The offer was withdrawn (timed out, or the task moved on): the node must not
+            // run it alongside wherever it runs now.
             warn!(
                 task_id = accepted.task_id,
-                node_id, "Node accepted a task that was not offered to it"
+                node_id, "Node accepted a withdrawn offer; telling it to stop"
             );
+            state.nodes[node_id].send(attach_response::Kind::Cancellation(v1::TaskCancellation {
+                task_id: accepted.task_id,
+                execution_id: accepted.execution_id,
+            }));
         }
     }
 
@@ -546,13 +584,11 @@ impl Fleet {
         self.settle(&mut state, node_id, outcome);
     }
 
-    /// Relays a terminal outcome upstream (at most once per execution) and acknowledges it.
+    /// Relays a terminal outcome upstream at most once per execution. The node gets its
+    /// acknowledgement only once the message has been written to Oz (see [`Fleet::relayed`]),
+    /// so an outcome is never lost between the node forgetting it and Oz receiving it.
     fn settle(&self, state: &mut FleetState, node_id: &str, outcome: TaskOutcome) {
         let key = (outcome.task_id.clone(), outcome.execution_id.clone());
-        let ack = attach_response::Kind::OutcomeAck(v1::OutcomeAck {
-            task_id: outcome.task_id.clone(),
-            execution_id: outcome.execution_id.clone(),
-        });
         let task_id = outcome.task_id.as_str();
         let relay = match state.tasks.get(task_id) {
             Some(task) if task.node_id == node_id && task.execution_id == outcome.execution_id => {
@@ -571,28 +607,39 @@ impl Fleet {
                 );
                 false
             }
-            // Unknown here (e.g. the gateway restarted): relay unless already relayed.
+            // Unknown here (e.g. the gateway restarted): relay unless already settled.
             None => !state.finished.contains(&key),
         };
         if relay {
             let message = upstream_message(&outcome);
-            info!(
-                task_id,
-                node_id,
-                outcome = message.message_type(),
-                "Task finished"
-            );
-            self.outbox.push(message);
-            state.finished_order.push_back(key.clone());
-            state.finished.insert(key);
-            if state.finished_order.len() > FINISHED_MEMORY
-                && let Some(oldest) = state.finished_order.pop_front()
-            {
-                state.finished.remove(&oldest);
+            info!(task_id, node_id, outcome = message.message_type(), "Task finished");
+            remember_finished(state, task_id, &outcome.execution_id);
+            state.unsent_outcomes.insert(key.clone());
+            let receipt = Receipt {
+                node_id: node_id.to_owned(),
+                task_id: key.0,
+                execution_id: key.1,
+            };
+            self.outbox.push_with_receipt(message, Some(receipt));
+        } else if !state.unsent_outcomes.contains(&key) {
+            if let Some(node) = state.nodes.get(node_id) {
+                node.send(outcome_ack(&key.0, &key.1));
             }
         }
-        if let Some(node) = state.nodes.get(node_id) {
-            node.send(ack);
+    }
+
+    /// Called once `queued` has been written to Oz: acknowledges the outcome it relays.
+    pub fn relayed(&self, queued: &Queued) {
+        let Some(receipt) = &queued.receipt else {
+            return;
+        };
+        let mut state = self.lock();
+        state
+            .unsent_outcomes
+            .remove(&(receipt.task_id.clone(), receipt.execution_id.clone()));
+        // A disconnected node re-announces the outcome and is acknowledged then.
+        if let Some(node) = state.nodes.get(&receipt.node_id) {
+            node.send(outcome_ack(&receipt.task_id, &receipt.execution_id));
         }
     }
 
@@ -605,6 +652,7 @@ impl Fleet {
             node.tasks.remove(task_id);
         }
         warn!(task_id, node_id = task.node_id, "Task lost: {why}");
+        remember_finished(state, task_id, &task.execution_id);
         self.outbox.push(WorkerMessage::failed(
             task_id,
             FailureReason::Unknown,
@@ -670,6 +718,25 @@ impl Fleet {
             }
         });
     }
+}
+
+fn remember_finished(state: &mut FleetState, task_id: &str, execution_id: &str) {
+    let key = (task_id.to_owned(), execution_id.to_owned());
+    if state.finished.insert(key.clone()) {
+        state.finished_order.push_back(key);
+    }
+    if state.finished_order.len() > FINISHED_MEMORY
+        && let Some(oldest) = state.finished_order.pop_front()
+    {
+        state.finished.remove(&oldest);
+    }
+}
+
+fn outcome_ack(task_id: &str, execution_id: &str) -> attach_response::Kind {
+    attach_response::Kind::OutcomeAck(v1::OutcomeAck {
+        task_id: task_id.to_owned(),
+        execution_id: execution_id.to_owned(),
+    })
 }
 
 /// The message Oz gets for a node's outcome.

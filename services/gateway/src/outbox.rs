@@ -18,13 +18,32 @@ pub struct Outbox {
 pub struct Queued {
     sequence: u64,
     pub message: WorkerMessage,
+    /// The node outcome this message relays; it is acknowledged to the node once the
+    /// message has been written upstream.
+    pub receipt: Option<Receipt>,
+}
+
+/// Identifies a node's outcome to acknowledge after relaying it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Receipt {
+    pub node_id: String,
+    pub task_id: String,
+    pub execution_id: String,
 }
 
 impl Outbox {
     pub fn push(&self, message: WorkerMessage) {
+        self.push_with_receipt(message, None);
+    }
+
+    pub fn push_with_receipt(&self, message: WorkerMessage, receipt: Option<Receipt>) {
         let mut queue = self.queue.lock().expect("outbox lock poisoned");
         let sequence = queue.back().map_or(0, |last| last.sequence + 1);
-        queue.push_back(Queued { sequence, message });
+        queue.push_back(Queued {
+            sequence,
+            message,
+            receipt,
+        });
         drop(queue);
         self.ready.notify_one();
     }

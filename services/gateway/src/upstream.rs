@@ -219,6 +219,7 @@ async fn serve(
                     Ok(()) => {
                         debug!(task_id = queued.message.task_id(), "Sent {}", queued.message.message_type());
                         outbox.mark_sent(&queued);
+                        fleet.relayed(&queued);
                     }
                     Err(error) => return ConnectionEnd::Lost(format!("write failed: {error}")),
                 }
@@ -229,7 +230,7 @@ async fn serve(
                 }
             }
             () = shutdown.cancelled() => {
-                drain_and_close(&mut socket, keepalive, outbox).await;
+                drain_and_close(&mut socket, keepalive, outbox, fleet).await;
                 return ConnectionEnd::Shutdown;
             }
         }
@@ -244,7 +245,7 @@ async fn write(socket: &mut Socket, message: Message, timeout: Duration) -> Resu
 }
 
 /// Sends what is still queued (bounded), then a normal-closure close frame.
-async fn drain_and_close(socket: &mut Socket, keepalive: &Keepalive, outbox: &Outbox) {
+async fn drain_and_close(socket: &mut Socket, keepalive: &Keepalive, outbox: &Outbox, fleet: &Fleet) {
     let deadline = tokio::time::Instant::now() + keepalive.drain_timeout;
     while !outbox.is_empty() && tokio::time::Instant::now() < deadline {
         let Ok(queued) = tokio::time::timeout_at(deadline, outbox.front()).await else {
@@ -261,6 +262,7 @@ async fn drain_and_close(socket: &mut Socket, keepalive: &Keepalive, outbox: &Ou
             break;
         }
         outbox.mark_sent(&queued);
+        fleet.relayed(&queued);
     }
     let close = Message::Close(Some(CloseFrame {
         code: CloseCode::Normal,
