@@ -462,7 +462,8 @@ impl Fleet {
                 {
                     warn!(
                         task_id,
-                        node_id, "Node runs a task that was already settled upstream; telling it to stop"
+                        node_id,
+                        "Node runs a task that was already settled upstream; telling it to stop"
                     );
                     state.nodes[node_id].send(attach_response::Kind::Cancellation(
                         v1::TaskCancellation {
@@ -612,7 +613,12 @@ impl Fleet {
         };
         if relay {
             let message = upstream_message(&outcome);
-            info!(task_id, node_id, outcome = message.message_type(), "Task finished");
+            info!(
+                task_id,
+                node_id,
+                outcome = message.message_type(),
+                "Task finished"
+            );
             remember_finished(state, task_id, &outcome.execution_id);
             state.unsent_outcomes.insert(key.clone());
             let receipt = Receipt {

@@ -146,7 +146,18 @@ pub async fn run(
 
 type Socket = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
+/// rustls needs a process-wide crypto provider before the first TLS handshake; ozfleet
+/// builds with ring only.
+fn install_crypto_provider() {
+    static INSTALL: std::sync::Once = std::sync::Once::new();
+    INSTALL.call_once(|| {
+        // An error means another component already installed one, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
+    install_crypto_provider();
     let mut request = url
         .as_str()
         .into_client_request()
@@ -245,7 +256,12 @@ async fn write(socket: &mut Socket, message: Message, timeout: Duration) -> Resu
 }
 
 /// Sends what is still queued (bounded), then a normal-closure close frame.
-async fn drain_and_close(socket: &mut Socket, keepalive: &Keepalive, outbox: &Outbox, fleet: &Fleet) {
+async fn drain_and_close(
+    socket: &mut Socket,
+    keepalive: &Keepalive,
+    outbox: &Outbox,
+    fleet: &Fleet,
+) {
     let deadline = tokio::time::Instant::now() + keepalive.drain_timeout;
     while !outbox.is_empty() && tokio::time::Instant::now() < deadline {
         let Ok(queued) = tokio::time::timeout_at(deadline, outbox.front()).await else {
@@ -303,6 +319,33 @@ mod tests {
             url.as_str(),
             "wss://oz.warp.dev/api/v1/selfhosted/worker/ws?worker_id=edge-1"
         );
+    }
+
+    #[tokio::test]
+    async fn wss_dials_through_tls_and_reports_a_failed_handshake() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        // A peer that is not a TLS server: it answers the ClientHello with plain HTTP.
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let (mut stream, _) = listener.accept().await.unwrap();
+            let mut hello = [0u8; 5];
+            stream.read_exact(&mut hello).await.unwrap();
+            assert_eq!(hello[0], 0x16, "a TLS handshake record");
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+        });
+        let config = UpstreamConfig {
+            web_socket_url: format!("wss://{address}/ws"),
+            api_key: "k".into(),
+            worker_id: "w".into(),
+            keepalive: Keepalive::default(),
+        };
+        let url = connect_url(&config.web_socket_url, "w").unwrap();
+        let error = dial(&url, &config)
+            .await
+            .err()
+            .expect("the handshake fails");
+        assert!(!error.is_empty());
     }
 
     #[test]

@@ -368,6 +368,8 @@ async fn outcomes_reported_while_oz_is_unreachable_are_sent_after_reconnecting()
         137,
         "Failed to execute task: killed",
     ));
+    // Not written to Oz yet, so not acknowledged: the node must keep them.
+    node.expect_quiet().await;
 
     oz.set_mode(OzMode::Accept);
     let mut upstream = oz.next_connection().await;
@@ -391,8 +393,14 @@ async fn outcomes_reported_while_oz_is_unreachable_are_sent_after_reconnecting()
         "{}",
         last.uri
     );
-    // Sent once: nothing else follows.
+    // Sent once: nothing else follows; and now the node has its acknowledgements.
     upstream.expect_quiet().await;
+    let mut acked = vec![
+        node.expect_ack().await.task_id,
+        node.expect_ack().await.task_id,
+    ];
+    acked.sort();
+    assert_eq!(acked, ["run-1", "run-2"]);
 }
 
 // ---- 10. reconnect backoff -----------------------------------------------------------

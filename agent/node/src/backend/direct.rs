@@ -231,7 +231,10 @@ impl DirectBackend {
         // Unlike the reference, --no-cleanup also keeps workspaces across a shutdown: they
         // are kept for inspection, and a restart is when an operator wants to look.
         if !self.config.cleanup {
-            tracing::info!(count = workspaces.len(), "keeping task workspaces (cleanup disabled)");
+            tracing::info!(
+                count = workspaces.len(),
+                "keeping task workspaces (cleanup disabled)"
+            );
             return;
         }
         let removal = tokio::task::spawn_blocking(move || {
