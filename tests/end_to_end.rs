@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Stack, free_port, processes_of_run};
+use common::{Stack, free_port};
+use ozfleet::processes_of_run;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 

@@ -304,21 +304,3 @@ impl Stack {
         agent
     }
 }
-
-/// Pids of processes whose environment holds `TASK_ID=<run_id>`: the agent process of
-/// that run and everything it started.
-pub fn processes_of_run(run_id: &str) -> Vec<u32> {
-    let marker = format!("TASK_ID={run_id}");
-    std::fs::read_dir("/proc")
-        .expect("/proc")
-        .filter_map(Result::ok)
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|environ| {
-                environ
-                    .split(|byte| *byte == 0)
-                    .any(|var| var == marker.as_bytes())
-            })
-        })
-        .collect()
-}

@@ -6,3 +6,4 @@ mod demo_agent;
 mod runtime;
 
 pub use cli::main;
+pub use commands::dev::processes_of_run;

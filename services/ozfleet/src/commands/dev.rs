@@ -268,7 +268,7 @@ async fn follow(api: &Api, run_id: &str, until: Option<&str>) -> anyhow::Result<
 
 /// Processes whose environment names this run (`TASK_ID=<run>`): the agent and anything
 /// it started.
-fn processes_of_run(run_id: &str) -> Vec<u32> {
+pub fn processes_of_run(run_id: &str) -> Vec<u32> {
     let marker = format!("TASK_ID={run_id}");
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();

@@ -26,15 +26,11 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
         .as_deref()
         .map(FileConfig::load)
         .transpose()?;
+    // Node-side flags belong to `ozfleet agent`; the gateway reads only the upstream ones.
     let flags = WorkerFlags {
-        backend: None,
         worker_id: args.worker_id.clone(),
-        target_dir: None,
-        no_cleanup: false,
-        env: Vec::new(),
-        volumes: Vec::new(),
-        max_concurrent_tasks: 0,
         idle_on_complete: args.idle_on_complete.clone(),
+        ..WorkerFlags::default()
     };
     let merged = merge(flags, file, &super::process_env)?;
     let worker_id = merged.require_worker_id()?.to_owned();
