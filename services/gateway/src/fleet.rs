@@ -627,10 +627,11 @@ impl Fleet {
                 execution_id: key.1,
             };
             self.outbox.push_with_receipt(message, Some(receipt));
-        } else if !state.unsent_outcomes.contains(&key) {
-            if let Some(node) = state.nodes.get(node_id) {
-                node.send(outcome_ack(&key.0, &key.1));
-            }
+        } else if !state.unsent_outcomes.contains(&key)
+            && let Some(node) = state.nodes.get(node_id)
+        {
+            // Already relayed and written (or fenced): the node can forget it now.
+            node.send(outcome_ack(&key.0, &key.1));
         }
     }
 

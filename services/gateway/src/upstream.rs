@@ -341,10 +341,9 @@ mod tests {
             keepalive: Keepalive::default(),
         };
         let url = connect_url(&config.web_socket_url, "w").unwrap();
-        let error = dial(&url, &config)
-            .await
-            .err()
-            .expect("the handshake fails");
+        let Err(error) = dial(&url, &config).await else {
+            panic!("the handshake with a non-TLS peer must fail");
+        };
         assert!(!error.is_empty());
     }
 
