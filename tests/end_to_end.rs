@@ -258,7 +258,15 @@ fn bad_configuration_fails_fast_with_a_clear_message() {
     );
 
     let output = Command::new(common::ozfleet())
-        .args(["gateway", "--worker-id", "edge", "--join-token", "t"])
+        .args([
+            "gateway",
+            "--worker-id",
+            "edge",
+            "--join-token",
+            "t",
+            "--web-socket-url",
+            "ws://127.0.0.1:1/ws",
+        ])
         .env_remove("WARP_API_KEY")
         .output()
         .unwrap();

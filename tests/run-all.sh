@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, proto lint, clippy, unit, integration and
-# end-to-end tests. Installs what it needs (see tests/install-tools.sh).
+# end-to-end tests. Installs what it needs: buf (tests/install-tools.sh) and a real
+# Docker Engine with locally built test images (tests/docker/start-docker.sh, needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bin_dir="$(tests/install-tools.sh)"
+echo "== Docker Engine and test images"
+tests/docker/start-docker.sh
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check

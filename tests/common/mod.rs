@@ -1,6 +1,9 @@
 //! Harness for end-to-end tests: real `ozfleet` processes on loopback, driven through the
 //! control plane's HTTP API.
 
+// Each end-to-end test binary compiles this module and uses a different part of it.
+#![allow(dead_code)]
+
 use std::fs::File;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -173,10 +176,17 @@ impl Api {
     }
 
     pub fn create(&self, prompt: &str) -> String {
+        self.create_with_config(prompt, json!({}))
+    }
+
+    /// Creates a run for the test worker with `config` merged into its config.
+    pub fn create_with_config(&self, prompt: &str, config: Value) -> String {
+        let mut config = config;
+        config["worker_host"] = json!(WORKER_ID);
         let (status, body) = self.call(
             "POST",
             "/api/v1/agent/runs",
-            Some(json!({ "prompt": prompt, "config": { "worker_host": WORKER_ID } })),
+            Some(json!({ "prompt": prompt, "config": config })),
         );
         assert_eq!(status, 200, "create run: {body}");
         body["run_id"].as_str().expect("run_id").to_owned()
@@ -214,18 +224,27 @@ pub struct Stack {
 
 impl Stack {
     pub fn start() -> Self {
+        Self::start_with(&[])
+    }
+
+    /// Like [`Stack::start`], with extra `ozfleet control-plane` arguments.
+    pub fn start_with(control_plane_args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = free_port();
+        let listen = format!("127.0.0.1:{http_port}");
+        let database = dir.path().join("runs.db");
+        let mut args = vec![
+            "control-plane",
+            "--listen",
+            &listen,
+            "--database",
+            database.to_str().unwrap(),
+        ];
+        args.extend_from_slice(control_plane_args);
         let control_plane = Proc::spawn(
             "control-plane",
             dir.path(),
-            &[
-                "control-plane",
-                "--listen",
-                &format!("127.0.0.1:{http_port}"),
-                "--database",
-                dir.path().join("runs.db").to_str().unwrap(),
-            ],
+            &args,
             &[("WARP_API_KEY", API_KEY)],
         );
         let api = Api::new(http_port);
@@ -269,26 +288,35 @@ impl Stack {
     /// Starts a Direct node agent named `name` running the demo agent; waits until the
     /// gateway has it attached.
     pub fn agent(&self, name: &str, extra: &[&str]) -> Proc {
-        let state_dir = self.dir.path().join(format!("{name}-state"));
         let workspaces = self.dir.path().join(format!("{name}-workspaces"));
-        let gateway = format!("http://127.0.0.1:{}", self.gateway_port);
         let demo_agent = demo_agent(self.dir.path());
         let mut args = vec![
-            "agent",
             "--backend",
             "direct",
-            "--gateway",
-            &gateway,
-            "--name",
-            name,
-            "--state-dir",
-            state_dir.to_str().unwrap(),
             "--workspace-root",
             workspaces.to_str().unwrap(),
             "--oz-path",
             demo_agent.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
+        self.node_agent(name, &args)
+    }
+
+    /// Starts a node agent named `name` with `backend_args`; its state dir is
+    /// `<dir>/<name>-state`, so starting the same name again reuses the identity.
+    pub fn node_agent(&self, name: &str, backend_args: &[&str]) -> Proc {
+        let state_dir = self.dir.path().join(format!("{name}-state"));
+        let gateway = format!("http://127.0.0.1:{}", self.gateway_port);
+        let mut args = vec![
+            "agent",
+            "--gateway",
+            &gateway,
+            "--name",
+            name,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+        ];
+        args.extend_from_slice(backend_args);
         let attached_before = self.gateway.log().matches("Node attached").count();
         let agent = Proc::spawn(
             name,

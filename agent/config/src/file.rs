@@ -63,6 +63,14 @@ pub struct DockerConfig {
     /// Task environment.
     #[serde(default, deserialize_with = "nullable")]
     pub environment: Vec<EnvEntry>,
+    /// ozfleet extension: `Always` (the reference's behaviour, default), `IfNotPresent`
+    /// or `Never`.
+    #[serde(default, deserialize_with = "nullable")]
+    pub image_pull_policy: String,
+    /// ozfleet extension: the containers' network mode (`host`, `none`, a network name);
+    /// empty = the daemon's default.
+    #[serde(default, deserialize_with = "nullable")]
+    pub network_mode: String,
 }
 
 /// `backend.direct`. Empty strings mean "not set".
@@ -291,6 +299,19 @@ impl FileConfig {
                 "FileConfig.Backend.Docker",
                 &docker.environment,
             );
+            if !docker.image_pull_policy.is_empty()
+                && ImagePullPolicy::from_name(&docker.image_pull_policy).is_none()
+            {
+                issues.push(ValidationError::Failed {
+                    namespace: "FileConfig.Backend.Docker.ImagePullPolicy".into(),
+                    tag: "oneof",
+                });
+            }
+            if contains_space_or_tab(&docker.network_mode) {
+                issues.push(ValidationError::ContainsWhitespace(
+                    "FileConfig.Backend.Docker.NetworkMode".into(),
+                ));
+            }
         }
         if let Some(direct) = &backend.direct {
             check_environment(

@@ -328,8 +328,15 @@ pub fn merge(
     let mut env = resolve_env(file_env, lookup_env);
     overlay_env(&mut env, &cli_env, lookup_env);
 
-    let mut volumes = docker.map(|d| d.volumes).unwrap_or_default();
+    let docker = docker.unwrap_or_default();
+    let mut volumes = docker.volumes;
     volumes.extend(flags.volumes);
+    let docker = DockerSettings {
+        volumes,
+        image_pull_policy: ImagePullPolicy::from_name(&docker.image_pull_policy)
+            .unwrap_or(ImagePullPolicy::Always),
+        network_mode: non_empty(docker.network_mode),
+    };
 
     let kubernetes = match backend {
         BackendName::Kubernetes => Some(kubernetes_settings(
@@ -356,7 +363,7 @@ pub fn merge(
         idle_on_complete,
         env,
         direct: direct_settings(direct.unwrap_or_default(), flags.target_dir),
-        docker: DockerSettings { volumes },
+        docker,
         kubernetes,
         command,
     })

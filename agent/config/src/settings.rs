@@ -57,6 +57,10 @@ impl ImagePullPolicy {
 pub struct DockerSettings {
     /// File `volumes` followed by `--volumes`.
     pub volumes: Vec<String>,
+    /// When to pull the task image; the reference always pulls.
+    pub image_pull_policy: ImagePullPolicy,
+    /// Container network mode; `None` = the daemon's default.
+    pub network_mode: Option<String>,
 }
 
 /// Direct backend settings.

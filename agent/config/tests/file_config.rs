@@ -513,3 +513,21 @@ fn from_yaml_str_validates_too() {
         "w"
     );
 }
+
+#[test]
+fn docker_extension_keys_are_validated() {
+    let cfg = load_ok(
+        "backend:\n  docker:\n    image_pull_policy: IfNotPresent\n    network_mode: host\n",
+    );
+    let docker = cfg.backend.docker.unwrap();
+    assert_eq!(docker.image_pull_policy, "IfNotPresent");
+    assert_eq!(docker.network_mode, "host");
+    assert_eq!(
+        load_err("backend:\n  docker:\n    image_pull_policy: Sometimes\n"),
+        r#"invalid config: FileConfig.Backend.Docker.ImagePullPolicy failed validation "oneof""#
+    );
+    assert_eq!(
+        load_err("backend:\n  docker:\n    network_mode: \"my net\"\n"),
+        "invalid config: FileConfig.Backend.Docker.NetworkMode must not contain whitespace"
+    );
+}

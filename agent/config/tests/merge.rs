@@ -711,3 +711,17 @@ fn hand_built_file_config_is_validated() {
         r#"invalid config: FileConfig.Backend.Kubernetes.ImagePullPolicy failed validation "oneof""#
     );
 }
+
+#[test]
+fn docker_pulls_always_by_default_and_takes_the_extension_keys() {
+    use ozfleet_worker_config::ImagePullPolicy;
+    let defaults = merged(flags(), Some("backend:\n  docker: {}\n"));
+    assert_eq!(defaults.docker.image_pull_policy, ImagePullPolicy::Always);
+    assert_eq!(defaults.docker.network_mode, None);
+    let set = merged(
+        flags(),
+        Some("backend:\n  docker:\n    image_pull_policy: Never\n    network_mode: host\n"),
+    );
+    assert_eq!(set.docker.image_pull_policy, ImagePullPolicy::Never);
+    assert_eq!(set.docker.network_mode.as_deref(), Some("host"));
+}

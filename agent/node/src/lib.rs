@@ -3,7 +3,9 @@
 pub mod argv;
 pub mod backend;
 pub mod identity;
+pub mod images;
 pub mod node;
+pub mod reported;
 pub mod task_env;
 
 pub use node::{CancelSource, NodeConfig, run};

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use ozfleet_proto::oz::{self, FailureReason};
 use ozfleet_proto::reconnect::Backoff;
 use ozfleet_proto::v1::node_service_client::NodeServiceClient;
@@ -20,8 +22,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::argv::{ArgvSettings, build_base_args};
-use crate::backend::{Backend, TaskFailure, TaskRun};
+use crate::backend::{Backend, RecoveredTask, TaskFailure, TaskRun};
 use crate::identity::load_or_create_node_id;
+use crate::images;
+use crate::reported::ReportedLog;
 use crate::task_env::common_task_env;
 
 /// A connection that stayed up this long resets the reconnect backoff.
@@ -76,7 +80,6 @@ struct Running {
     source: Option<CancelSource>,
 }
 
-#[derive(Default)]
 struct NodeState {
     running: HashMap<String, Running>,
     /// Outcomes not yet acknowledged, keyed by (task id, execution id).
@@ -84,6 +87,7 @@ struct NodeState {
     /// The live attach stream, if any.
     link: Option<UnboundedSender<AttachRequest>>,
     shutting_down: bool,
+    reported: ReportedLog,
 }
 
 impl NodeState {
@@ -110,6 +114,12 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let node_id = load_or_create_node_id(&config.state_dir)?;
+    let reported = ReportedLog::open(&config.state_dir).with_context(|| {
+        format!(
+            "cannot read the reported executions in {}",
+            config.state_dir.display()
+        )
+    })?;
     info!(
         node_id,
         node_name = config.node_name,
@@ -121,9 +131,31 @@ pub async fn run(
         config,
         node_id,
         backend,
-        state: Mutex::new(NodeState::default()),
+        state: Mutex::new(NodeState {
+            running: HashMap::new(),
+            unacknowledged: BTreeMap::new(),
+            link: None,
+            shutting_down: false,
+            reported,
+        }),
         changed: tokio::sync::Notify::new(),
     });
+    // Tasks an earlier run of this agent left behind are resumed before the first hello,
+    // so the gateway learns about them from the node's very first full-state report.
+    for task in node.backend.recover().await {
+        if node
+            .lock()
+            .reported
+            .contains(&task.task_id, &task.execution_id)
+        {
+            debug!(
+                task_id = task.task_id,
+                "Kept container of an already reported task"
+            );
+            continue;
+        }
+        node.resume(task);
+    }
     let stop_connecting = CancellationToken::new();
     let connection = tokio::spawn(node.clone().stay_connected(stop_connecting.clone()));
 
@@ -237,9 +269,17 @@ impl Node {
                     self.cancel(&cancellation.task_id, CancelSource::User)
                 }
                 Some(attach_response::Kind::OutcomeAck(ack)) => {
-                    self.lock()
+                    let mut state = self.lock();
+                    if let Err(error) = state.reported.record(&ack.task_id, &ack.execution_id) {
+                        warn!(
+                            task_id = ack.task_id,
+                            "Cannot record the reported outcome: {error}"
+                        );
+                    }
+                    state
                         .unacknowledged
                         .remove(&(ack.task_id, ack.execution_id));
+                    drop(state);
                     self.changed.notify_waiters();
                 }
                 None => warn!("Ignoring an empty message from the gateway"),
@@ -311,6 +351,31 @@ impl Node {
         });
     }
 
+    fn resume(self: &Arc<Self>, task: RecoveredTask) {
+        let cancel = CancellationToken::new();
+        let (task_id, execution_id) = (task.task_id.clone(), task.execution_id.clone());
+        self.lock().running.insert(
+            task_id.clone(),
+            Running {
+                execution_id: execution_id.clone(),
+                cancel: cancel.clone(),
+                source: None,
+            },
+        );
+        info!(
+            task_id,
+            execution_id,
+            handle = task.handle,
+            "Resuming a task left by an earlier run of this agent"
+        );
+        let node = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = node.backend.resume(task, cancel).await;
+            node.finish(&task_id, &execution_id, result, started.elapsed());
+        });
+    }
+
     async fn execute(
         &self,
         assignment: &v1::TaskAssignment,
@@ -348,6 +413,9 @@ impl Node {
             base_args: build_base_args(&oz_assignment, &argv_settings),
             env: common_task_env(&oz_assignment, &settings.server_root_url),
             harness,
+            image: images::task_image(&oz_assignment),
+            sidecars: images::sidecars(&oz_assignment),
+            instance_shape: oz_assignment.instance_shape,
         };
         self.backend.execute(task, cancel).await
     }

@@ -78,6 +78,9 @@ impl Fixture {
                 ("TEST_OUT".into(), self.out.to_str().unwrap().into()),
             ],
             harness: None,
+            image: String::new(),
+            sidecars: Vec::new(),
+            instance_shape: None,
         }
     }
 

@@ -8,6 +8,7 @@
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
+use crate::TaskImages;
 use ozfleet_proto::oz::{assignment_frame, cancellation_frame};
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -26,15 +27,17 @@ pub struct Dispatcher {
     fleet: Mutex<Fleet>,
     wakeup: Notify,
     pub(crate) reoffer_delay: Duration,
+    images: TaskImages,
 }
 
 impl Dispatcher {
-    pub fn new(store: Arc<Store>, reoffer_delay: Duration) -> Self {
+    pub fn new(store: Arc<Store>, reoffer_delay: Duration, images: TaskImages) -> Self {
         Self {
             store,
             fleet: Mutex::new(Fleet::default()),
             wakeup: Notify::new(),
             reoffer_delay,
+            images,
         }
     }
 
@@ -101,7 +104,7 @@ impl Dispatcher {
                 continue;
             };
             let execution_id = Uuid::now_v7().to_string();
-            let frame = assignment_frame(&assignment_data(&run, &execution_id));
+            let frame = assignment_frame(&assignment_data(&run, &execution_id, &self.images));
             if fleet.send(connection, frame) {
                 info!(
                     "offered run {} to worker {} (connection {connection}, execution {execution_id})",
@@ -197,14 +200,14 @@ impl Dispatcher {
 }
 
 /// The `task_assignment` data for one offer of `run` (spec `oz-agent-worker.md` §1.6).
-pub fn assignment_data(run: &Run, execution_id: &str) -> Value {
+pub fn assignment_data(run: &Run, execution_id: &str, images: &TaskImages) -> Value {
     let mut agent_config_snapshot = run.agent_config.clone();
     // A run's `skill` takes precedence over `config.skill_spec`, and the worker reads the
     // skill from the snapshot.
     if let Some(skill) = &run.skill {
         agent_config_snapshot.insert("skill_spec".into(), Value::String(skill.clone()));
     }
-    json!({
+    let mut data = json!({
         "task_id": run.run_id,
         "execution_id": execution_id,
         "task": {
@@ -217,7 +220,23 @@ pub fn assignment_data(run: &Run, execution_id: &str) -> Value {
             "agent_config_snapshot": agent_config_snapshot,
         },
         "env_vars": { "WARP_API_KEY": run.run_token.expose() },
-    })
+    });
+    for (key, image) in [
+        ("docker_image", &images.docker_image),
+        ("sidecar_image", &images.sidecar_image),
+    ] {
+        if !image.is_empty() {
+            data[key] = Value::String(image.clone());
+        }
+    }
+    // Oz derives these from the run's environment; this control plane lets a run name
+    // them in its config instead (for trials and tests), overriding the defaults.
+    for key in ["docker_image", "sidecar_image", "instance_shape"] {
+        if let Some(value) = run.agent_config.get(key) {
+            data[key] = value.clone();
+        }
+    }
+    data
 }
 
 #[cfg(test)]
@@ -255,7 +274,7 @@ mod tests {
     }
 
     fn parsed(run: &Run) -> ozfleet_proto::oz::TaskAssignment {
-        let frame = assignment_frame(&assignment_data(run, "019a-exec"));
+        let frame = assignment_frame(&assignment_data(run, "019a-exec", &TaskImages::default()));
         match parse_server_message(&frame).expect("the worker can parse the assignment") {
             ServerMessage::TaskAssignment { assignment, .. } => *assignment,
             other => panic!("expected an assignment, got {other:?}"),
@@ -284,6 +303,42 @@ mod tests {
             assignment.env_vars.0["WARP_API_KEY"],
             run.run_token.expose()
         );
+    }
+
+    #[test]
+    fn configured_images_are_sent_and_absent_ones_omitted() {
+        let run = queued_run(None, false);
+        let images = TaskImages {
+            docker_image: "localhost:5999/busybox:1".into(),
+            sidecar_image: String::new(),
+        };
+        let data = assignment_data(&run, "019a-exec", &images);
+        assert_eq!(data["docker_image"], "localhost:5999/busybox:1");
+        assert!(data.get("sidecar_image").is_none(), "{data}");
+        assert!(parsed(&run).docker_image.is_empty());
+    }
+
+    #[test]
+    fn a_run_config_may_name_its_images_and_shape() {
+        let mut run = queued_run(None, false);
+        run.agent_config
+            .insert("docker_image".into(), json!("my/img:2"));
+        run.agent_config
+            .insert("instance_shape".into(), json!({"vcpus": 1, "memory_gb": 1}));
+        let images = TaskImages {
+            docker_image: "default/img:1".into(),
+            sidecar_image: "sidecar:1".into(),
+        };
+        let frame = assignment_frame(&assignment_data(&run, "019a-exec", &images));
+        let ServerMessage::TaskAssignment { assignment, .. } =
+            parse_server_message(&frame).unwrap()
+        else {
+            panic!("not an assignment");
+        };
+        assert_eq!(assignment.docker_image, "my/img:2");
+        assert_eq!(assignment.sidecar_image, "sidecar:1");
+        let shape = assignment.instance_shape.unwrap();
+        assert_eq!((shape.vcpus, shape.memory_gb), (1, 1));
     }
 
     #[test]

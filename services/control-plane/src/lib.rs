@@ -43,6 +43,15 @@ pub struct ControlPlaneConfig {
     pub database_path: PathBuf,
     /// How long a run a worker rejected waits before it is offered again.
     pub reoffer_delay: Duration,
+    /// Images sent with every assignment (Oz derives them from the run's environment).
+    pub images: TaskImages,
+}
+
+/// The `docker_image` and `sidecar_image` put in assignments; empty = not sent.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TaskImages {
+    pub docker_image: String,
+    pub sidecar_image: String,
 }
 
 impl ControlPlaneConfig {
@@ -53,6 +62,7 @@ impl ControlPlaneConfig {
             api_key: api_key.into(),
             database_path: database_path.into(),
             reoffer_delay: Self::DEFAULT_REOFFER_DELAY,
+            images: TaskImages::default(),
         }
     }
 }
@@ -63,6 +73,7 @@ impl fmt::Debug for ControlPlaneConfig {
             .field("api_key", &"<redacted>")
             .field("database_path", &self.database_path)
             .field("reoffer_delay", &self.reoffer_delay)
+            .field("images", &self.images)
             .finish()
     }
 }
@@ -98,7 +109,11 @@ pub async fn run(
         .context("cannot read the listener's address")?;
     // Stops the workers' connections and the dispatcher also when serving fails.
     let stop = shutdown.child_token();
-    let dispatcher = Arc::new(Dispatcher::new(store.clone(), config.reoffer_delay));
+    let dispatcher = Arc::new(Dispatcher::new(
+        store.clone(),
+        config.reoffer_delay,
+        config.images,
+    ));
     let connection_tasks = TaskTracker::new();
     let state = Arc::new(AppState {
         api_key: config.api_key,

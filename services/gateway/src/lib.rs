@@ -86,7 +86,12 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|error| GatewayError::InvalidConfig(format!("reflection: {error}")))?;
-    let node_api = NodeServiceServer::new(node_api::NodeApi::new(fleet.clone(), config.join_token));
+    let server_stop = CancellationToken::new();
+    let node_api = NodeServiceServer::new(node_api::NodeApi::new(
+        fleet.clone(),
+        config.join_token,
+        server_stop.clone(),
+    ));
 
     let address = node_listener.local_addr().ok();
     info!(
@@ -94,7 +99,6 @@ pub async fn run(
         "Gateway listening for node agents on {}",
         address.map_or_else(|| "?".into(), |a| a.to_string())
     );
-    let server_stop = CancellationToken::new();
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)

@@ -9,6 +9,7 @@ use ozfleet_proto::v1::node_service_server::NodeService;
 use ozfleet_proto::v1::{AttachRequest, AttachResponse, NodeHello, attach_request};
 use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -52,11 +53,18 @@ impl std::fmt::Debug for JoinToken {
 pub struct NodeApi {
     fleet: Arc<Fleet>,
     join_token: JoinToken,
+    /// Ends every attach stream's reader when the gateway stops, so open streams do not
+    /// hold the server's shutdown.
+    stop: CancellationToken,
 }
 
 impl NodeApi {
-    pub fn new(fleet: Arc<Fleet>, join_token: JoinToken) -> Self {
-        Self { fleet, join_token }
+    pub fn new(fleet: Arc<Fleet>, join_token: JoinToken, stop: CancellationToken) -> Self {
+        Self {
+            fleet,
+            join_token,
+            stop,
+        }
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<(), GatewayError> {
@@ -128,9 +136,14 @@ impl NodeService for NodeApi {
         let node_id = hello.node_id.clone();
         let epoch = self.fleet.attach(hello, sender);
         let fleet = self.fleet.clone();
+        let stop = self.stop.clone();
         tokio::spawn(async move {
             loop {
-                match inbound.message().await {
+                let message = tokio::select! {
+                    message = inbound.message() => message,
+                    () = stop.cancelled() => break,
+                };
+                match message {
                     Ok(Some(message)) => dispatch(&fleet, &node_id, epoch, message),
                     Ok(None) => break,
                     Err(status) => {

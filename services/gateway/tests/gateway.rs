@@ -929,7 +929,7 @@ async fn shutdown_with_a_node_attached_closes_its_stream_and_returns_promptly() 
 }
 
 #[tokio::test]
-async fn shutdown_is_not_held_up_forever_by_a_node_that_never_hangs_up() {
+async fn shutdown_is_not_held_up_by_a_node_that_never_hangs_up() {
     let (_oz, mut gateway, mut upstream) = start_connected().await;
     let mut node = FakeNode::attach_id(&gateway, "node-a").await;
     assign_and_claim(&mut upstream, &mut node, "run-1", "exec-1").await;
@@ -937,14 +937,18 @@ async fn shutdown_is_not_held_up_forever_by_a_node_that_never_hangs_up() {
     let started = Instant::now();
     gateway.shutdown.cancel();
     let handle = gateway.handle.take().unwrap();
-    // The node keeps its request side open: the gateway gives up waiting after its 5 s
-    // server stop timeout.
+    // The node keeps its request side open; the gateway ends its stream itself, well
+    // before the 5 s server stop timeout.
     let result = tokio::time::timeout(Duration::from_secs(8), handle)
         .await
         .expect("run did not return within 8 s of shutdown")
         .expect("run panicked");
     assert!(result.is_ok(), "run failed: {result:?}");
     expect_normal_close(&mut upstream).await;
-    assert!(started.elapsed() < Duration::from_secs(8));
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
     drop(node);
 }

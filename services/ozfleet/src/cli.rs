@@ -33,6 +33,12 @@ enum Command {
     Dev(DevArgs),
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DevBackend {
+    Direct,
+    Docker,
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum LogLevel {
     Debug,
@@ -132,6 +138,12 @@ pub struct AgentArgs {
     /// Direct backend: parent of per-task workspaces (default /var/lib/oz/workspaces).
     #[arg(long)]
     pub workspace_root: Option<PathBuf>,
+    /// Docker backend: when to pull task images (default Always, like the reference).
+    #[arg(long, value_parser = ["Always", "IfNotPresent", "Never"])]
+    pub image_pull_policy: Option<String>,
+    /// Docker backend: the containers' network mode (e.g. `host`).
+    #[arg(long)]
+    pub docker_network: Option<String>,
     #[arg(long)]
     pub idle_on_complete: Option<String>,
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
@@ -148,6 +160,12 @@ pub struct ControlPlaneArgs {
     /// SQLite database holding the runs.
     #[arg(long, default_value = "ozfleet-control-plane.db")]
     pub database: PathBuf,
+    /// `docker_image` sent with every assignment (the image tasks run in).
+    #[arg(long)]
+    pub docker_image: Option<String>,
+    /// `sidecar_image` sent with every assignment (mounted at /agent; holds entrypoint.sh).
+    #[arg(long)]
+    pub sidecar_image: Option<String>,
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
 }
@@ -161,6 +179,16 @@ pub struct DevArgs {
     /// whether they ended as expected.
     #[arg(long)]
     pub exit_after_demo: bool,
+    /// Where the node agent runs tasks. `docker` needs a Docker Engine and the demo
+    /// images (`tests/docker/start-docker.sh` provides both).
+    #[arg(long, value_enum, default_value_t = DevBackend::Direct)]
+    pub backend: DevBackend,
+    /// Docker backend: the task image.
+    #[arg(long, default_value = "localhost:5999/busybox:1")]
+    pub docker_image: String,
+    /// Docker backend: the sidecar mounted at /agent, whose entrypoint.sh is the demo agent.
+    #[arg(long, default_value = "localhost:5999/oz-demo-sidecar:1")]
+    pub sidecar_image: String,
     #[arg(long, value_enum, default_value_t = LogLevel::Warn)]
     pub log_level: LogLevel,
 }

@@ -2,13 +2,15 @@
 //! ended; the node agent turns that into an outcome for the gateway.
 
 pub mod direct;
+pub mod docker;
 
 use std::time::Duration;
 
-use ozfleet_proto::oz::FailureReason;
+use ozfleet_proto::oz::{FailureReason, InstanceShape, SidecarMount};
 use tokio_util::sync::CancellationToken;
 
 pub use direct::{DirectBackend, DirectConfig};
+pub use docker::{DockerBackend, DockerConfig};
 
 /// Everything a backend needs to run one task.
 #[derive(Clone)]
@@ -22,6 +24,13 @@ pub struct TaskRun {
     pub env: Vec<(String, String)>,
     /// Harness type from the task's agent config, trimmed (`claude`, `codex`, …).
     pub harness: Option<String>,
+    /// Task image (spec §3.3): the assignment's `docker_image`, else `ubuntu:22.04`.
+    pub image: String,
+    /// Sidecars in order (spec §3.4): `sidecar_image` at `/agent`, then
+    /// `additional_sidecars`. Not yet validated.
+    pub sidecars: Vec<SidecarMount>,
+    /// Requested size; non-positive axes mean unset.
+    pub instance_shape: Option<InstanceShape>,
 }
 
 impl std::fmt::Debug for TaskRun {
@@ -32,6 +41,9 @@ impl std::fmt::Debug for TaskRun {
             .field("base_args", &self.base_args)
             .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
             .field("harness", &self.harness)
+            .field("image", &self.image)
+            .field("sidecars", &self.sidecars)
+            .field("instance_shape", &self.instance_shape)
             .finish()
     }
 }
@@ -62,9 +74,20 @@ impl TaskFailure {
     }
 }
 
+/// A task a backend found at startup, left by an earlier run of this node agent:
+/// still running, or finished while the agent was down.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecoveredTask {
+    pub task_id: String,
+    pub execution_id: String,
+    /// The backend's own reference to it (a container id for Docker).
+    pub handle: String,
+}
+
 /// The configured backend of this node.
 pub enum Backend {
     Direct(DirectBackend),
+    Docker(DockerBackend),
 }
 
 impl Backend {
@@ -78,6 +101,31 @@ impl Backend {
     ) -> Result<(), TaskFailure> {
         match self {
             Self::Direct(backend) => backend.execute(task, cancel).await,
+            Self::Docker(backend) => backend.execute(task, cancel).await,
+        }
+    }
+
+    /// Tasks an earlier run of this node agent left behind, to be resumed with
+    /// [`Backend::resume`]. Host processes (Direct) do not outlive their agent.
+    pub async fn recover(&self) -> Vec<RecoveredTask> {
+        match self {
+            Self::Direct(_) => Vec::new(),
+            Self::Docker(backend) => backend.recover().await,
+        }
+    }
+
+    /// Waits for a recovered task to end, exactly like [`Backend::execute`] would have.
+    pub async fn resume(
+        &self,
+        task: RecoveredTask,
+        cancel: CancellationToken,
+    ) -> Result<(), TaskFailure> {
+        match self {
+            Self::Direct(_) => Err(TaskFailure::new(
+                FailureReason::Unknown,
+                "the direct backend cannot resume tasks",
+            )),
+            Self::Docker(backend) => backend.resume(task, cancel).await,
         }
     }
 
@@ -85,12 +133,14 @@ impl Backend {
     pub async fn shutdown(&self, timeout: Duration) {
         match self {
             Self::Direct(backend) => backend.shutdown(timeout).await,
+            Self::Docker(backend) => backend.shutdown(timeout).await,
         }
     }
 
     pub fn kind(&self) -> ozfleet_proto::v1::BackendKind {
         match self {
             Self::Direct(_) => ozfleet_proto::v1::BackendKind::Direct,
+            Self::Docker(_) => ozfleet_proto::v1::BackendKind::Docker,
         }
     }
 }

@@ -4,8 +4,11 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use ozfleet_agent::NodeConfig;
-use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig};
-use ozfleet_worker_config::{BackendName, FileConfig, MergedConfig, WorkerFlags, merge};
+use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig, DockerBackend, DockerConfig};
+use ozfleet_agent::identity::load_or_create_node_id;
+use ozfleet_worker_config::{
+    BackendName, FileConfig, ImagePullPolicy, MergedConfig, WorkerFlags, merge,
+};
 
 use crate::cli::AgentArgs;
 use crate::runtime::shutdown_on_signal;
@@ -33,7 +36,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let merged = merge(flags, file, &super::process_env)?;
     let node = node_config(&args, &merged)?;
-    let backend = backend(&args, merged)?;
+    let backend = backend(&args, merged).await?;
     ozfleet_agent::run(node, backend, shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
@@ -69,7 +72,7 @@ fn node_config(args: &AgentArgs, merged: &MergedConfig) -> anyhow::Result<NodeCo
     })
 }
 
-fn backend(args: &AgentArgs, merged: MergedConfig) -> anyhow::Result<Backend> {
+async fn backend(args: &AgentArgs, merged: MergedConfig) -> anyhow::Result<Backend> {
     match merged.backend {
         BackendName::Direct => {
             if !merged.docker.volumes.is_empty() {
@@ -89,8 +92,30 @@ fn backend(args: &AgentArgs, merged: MergedConfig) -> anyhow::Result<Backend> {
             let backend = DirectBackend::new(config).context("Failed to create worker")?;
             Ok(Backend::Direct(backend))
         }
+        BackendName::Docker => {
+            let docker = merged.docker;
+            let image_pull_policy = match &args.image_pull_policy {
+                Some(name) => ImagePullPolicy::from_name(name)
+                    .with_context(|| format!("invalid --image-pull-policy {name:?}"))?,
+                None => docker.image_pull_policy,
+            };
+            let config = DockerConfig {
+                // Containers are labelled with the node id so a restarted agent finds its own.
+                node_id: load_or_create_node_id(&args.state_dir)?,
+                volumes: docker.volumes,
+                environment: merged.env,
+                cleanup: merged.cleanup,
+                image_pull_policy,
+                network_mode: args.docker_network.clone().or(docker.network_mode),
+                stop_grace: CANCEL_GRACE,
+            };
+            let backend = DockerBackend::new(config)
+                .await
+                .context("Failed to create worker")?;
+            Ok(Backend::Docker(backend))
+        }
         other => bail!(
-            "the {} backend is not available in this ozfleet build yet; use --backend direct",
+            "the {} backend is not available in this ozfleet build yet; use --backend direct or docker",
             other.as_str()
         ),
     }

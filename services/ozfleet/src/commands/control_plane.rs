@@ -2,7 +2,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use ozfleet_control_plane::ControlPlaneConfig;
+use ozfleet_control_plane::{ControlPlaneConfig, TaskImages};
 
 use crate::cli::ControlPlaneArgs;
 use crate::runtime::shutdown_on_signal;
@@ -22,6 +22,10 @@ pub async fn run(args: ControlPlaneArgs) -> anyhow::Result<ExitCode> {
         api_key: args.api_key,
         database_path: args.database,
         reoffer_delay: Duration::from_secs(1),
+        images: TaskImages {
+            docker_image: args.docker_image.unwrap_or_default(),
+            sidecar_image: args.sidecar_image.unwrap_or_default(),
+        },
     };
     ozfleet_control_plane::run(listener, config, shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)

@@ -10,16 +10,18 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use ozfleet_agent::NodeConfig;
-use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig};
-use ozfleet_control_plane::ControlPlaneConfig;
+use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig, DockerBackend, DockerConfig};
+use ozfleet_agent::identity::load_or_create_node_id;
+use ozfleet_control_plane::{ControlPlaneConfig, TaskImages};
 use ozfleet_gateway::{FleetTimings, GatewayConfig, JoinToken, Keepalive, UpstreamConfig};
 use ozfleet_proto::oz::WORKER_WEB_SOCKET_PATH;
 use ozfleet_proto::v1::UpstreamSettings;
+use ozfleet_worker_config::ImagePullPolicy;
 use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::DevArgs;
+use crate::cli::{DevArgs, DevBackend};
 use crate::runtime::shutdown_on_signal;
 
 const API_KEY: &str = "ozfleet-dev-key";
@@ -71,10 +73,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!(
         "  gateway        worker id {WORKER_ID:?}, one outbound WebSocket to the control plane"
     );
-    println!(
-        "  node agent     Direct backend, oz_path = {}",
-        demo_agent.display()
-    );
+    match args.backend {
+        DevBackend::Direct => println!(
+            "  node agent     Direct backend, oz_path = {}",
+            demo_agent.display()
+        ),
+        DevBackend::Docker => println!(
+            "  node agent     Docker backend, image {}, sidecar {} at /agent",
+            args.docker_image, args.sidecar_image
+        ),
+    }
     println!("  working dir    {}", workdir.path().display());
     println!();
 
@@ -122,10 +130,18 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
     // A fresh secret per dev session; nodes of other sessions cannot join this one.
     let join_token = uuid::Uuid::new_v4().simple().to_string();
 
+    let images = match args.backend {
+        DevBackend::Direct => TaskImages::default(),
+        DevBackend::Docker => TaskImages {
+            docker_image: args.docker_image.clone(),
+            sidecar_image: args.sidecar_image.clone(),
+        },
+    };
     let control_plane_config = ControlPlaneConfig {
         api_key: API_KEY.into(),
         database_path: workdir.join("control-plane.db"),
         reoffer_delay: Duration::from_secs(1),
+        images,
     };
     let control_plane = Part::spawn(|stop| {
         tokio::spawn(async move {
@@ -157,20 +173,39 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         })
     });
 
-    let backend = Backend::Direct(DirectBackend::new(DirectConfig {
-        workspace_root: workdir.join("workspaces"),
-        target_dir: None,
-        oz_path: Some(demo_agent.to_owned()),
-        setup_command: None,
-        teardown_command: None,
-        environment: Vec::new(),
-        cleanup: true,
-        cancel_grace: Duration::from_secs(5),
-    })?);
+    let state_dir = workdir.join("agent-state");
+    let backend = match args.backend {
+        DevBackend::Direct => Backend::Direct(DirectBackend::new(DirectConfig {
+            workspace_root: workdir.join("workspaces"),
+            target_dir: None,
+            oz_path: Some(demo_agent.to_owned()),
+            setup_command: None,
+            teardown_command: None,
+            environment: Vec::new(),
+            cleanup: true,
+            cancel_grace: Duration::from_secs(5),
+        })?),
+        DevBackend::Docker => Backend::Docker(
+            DockerBackend::new(DockerConfig {
+                node_id: load_or_create_node_id(&state_dir)?,
+                volumes: Vec::new(),
+                environment: Vec::new(),
+                cleanup: true,
+                // The demo images are built locally; there is no registry to pull from.
+                image_pull_policy: ImagePullPolicy::IfNotPresent,
+                // The demo agent in the container fetches its run from the control plane
+                // on the host's loopback.
+                network_mode: Some("host".into()),
+                stop_grace: Duration::from_secs(5),
+            })
+            .await
+            .context("the Docker backend needs a Docker Engine and the demo images: run tests/docker/start-docker.sh")?,
+        ),
+    };
     let node_config = NodeConfig {
         gateway_url: format!("http://{gateway_address}"),
         join_token,
-        state_dir: workdir.join("agent-state"),
+        state_dir,
         node_name: "dev-node".into(),
         labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
         max_concurrent_tasks: 4,
@@ -195,7 +230,7 @@ async fn run_demos(api: &Api) -> anyhow::Result<bool> {
     all_ok &= expect_state(&item, "SUCCEEDED");
 
     println!("\nDemo 2/3: a run whose prompt asks the agent to fail with exit code 3");
-    let run = api.create("Please fail with exit 3").await?;
+    let run = api.create("Exit 3 to show a failure").await?;
     let item = follow(api, &run, None).await?;
     all_ok &= expect_state(&item, "FAILED");
     println!(

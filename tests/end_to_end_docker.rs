@@ -1,0 +1,243 @@
+//! End to end on the Docker backend: control plane → gateway → node agent → container on
+//! a real Docker Engine (`tests/docker/start-docker.sh` starts one and builds the images).
+//! The demo agent is the sidecar's `/agent/entrypoint.sh`; it fetches its run from the
+//! control plane over the host's loopback (network mode `host`).
+
+mod common;
+
+use std::process::Command;
+use std::time::Duration;
+
+use common::{Proc, Stack};
+use serde_json::json;
+
+const TASK_IMAGE: &str = "localhost:5999/busybox:1";
+const SIDECAR_IMAGE: &str = "localhost:5999/oz-demo-sidecar:1";
+const RUN_TIMEOUT: Duration = Duration::from_secs(90);
+
+fn docker(args: &[&str]) -> String {
+    let output = Command::new("docker")
+        .args(args)
+        .output()
+        .expect("the docker CLI (run tests/docker/start-docker.sh)");
+    assert!(
+        output.status.success(),
+        "docker {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// Fails loudly (never skips) when there is no daemon or the images are missing.
+fn require_docker() {
+    let ready = Command::new("docker")
+        .args(["image", "inspect", TASK_IMAGE, SIDECAR_IMAGE])
+        .output()
+        .is_ok_and(|output| output.status.success());
+    assert!(
+        ready,
+        "no Docker Engine with the test images: run tests/docker/start-docker.sh first"
+    );
+}
+
+/// Containers (running or not) of a run, by ozfleet's labels.
+fn containers_of(run_id: &str) -> Vec<String> {
+    docker(&[
+        "ps",
+        "-a",
+        "-q",
+        "--filter",
+        &format!("label=dev.ozfleet.task-id={run_id}"),
+    ])
+    .lines()
+    .map(str::to_owned)
+    .collect()
+}
+
+fn docker_stack() -> Stack {
+    require_docker();
+    Stack::start_with(&[
+        "--docker-image",
+        TASK_IMAGE,
+        "--sidecar-image",
+        SIDECAR_IMAGE,
+    ])
+}
+
+fn docker_agent(stack: &Stack, name: &str, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        "--backend",
+        "docker",
+        "--image-pull-policy",
+        "IfNotPresent",
+        "--docker-network",
+        "host",
+    ];
+    args.extend_from_slice(extra);
+    stack.node_agent(name, &args)
+}
+
+#[test]
+fn container_runs_succeed_fail_and_are_cancelled_without_leaks() {
+    let stack = docker_stack();
+    let agent = docker_agent(&stack, "docker-a", &[]);
+
+    let hello = stack.api.create("Say hello from a container");
+    stack.api.wait_for_state(&hello, "SUCCEEDED", RUN_TIMEOUT);
+
+    let failing = stack.api.create("Exit 3 to show a failure");
+    let item = stack.api.wait_for_state(&failing, "FAILED", RUN_TIMEOUT);
+    assert_eq!(item["failure_reason"], "container_exit", "{item}");
+    assert_eq!(item["exit_code"], 3, "{item}");
+    assert_eq!(
+        item["status_message"]["message"],
+        "Failed to execute task: container exited with non-zero status: 3"
+    );
+    // The container's output is logged on failure: the demo agent's own lines show up.
+    agent.wait_for_log("oz-demo-agent", Duration::from_secs(10));
+
+    let long = stack.api.create("Sleep 300 seconds");
+    stack.api.wait_for_state(&long, "INPROGRESS", RUN_TIMEOUT);
+    let (status, body) = stack.api.cancel(&long);
+    assert_eq!(status, 200, "{body}");
+    stack
+        .api
+        .wait_for_state(&long, "CANCELLED", Duration::from_secs(30));
+
+    for run in [&hello, &failing, &long] {
+        common::wait_until(Duration::from_secs(15), "containers to be removed", || {
+            containers_of(run).is_empty()
+        });
+    }
+}
+
+#[test]
+fn memory_shape_and_missing_images_are_reported_with_their_reasons() {
+    let stack = docker_stack();
+    let _agent = docker_agent(&stack, "docker-b", &[]);
+
+    let oom = stack.api.create_with_config(
+        "Allocate 1500 MiB",
+        json!({ "instance_shape": { "vcpus": 1, "memory_gb": 1 } }),
+    );
+    let item = stack.api.wait_for_state(&oom, "FAILED", RUN_TIMEOUT);
+    assert_eq!(item["failure_reason"], "container_oom", "{item}");
+
+    let missing = stack.api.create_with_config(
+        "Say hello",
+        json!({ "docker_image": "localhost:5999/does-not-exist:1" }),
+    );
+    let item = stack.api.wait_for_state(&missing, "FAILED", RUN_TIMEOUT);
+    assert_eq!(item["failure_reason"], "image_pull", "{item}");
+    assert!(containers_of(&missing).is_empty());
+}
+
+#[test]
+fn a_killed_agent_finds_its_container_again_and_reports_the_true_outcome() {
+    let stack = docker_stack();
+    let mut agent = docker_agent(&stack, "docker-c", &[]);
+
+    let run = stack.api.create("Sleep 6 seconds, then finish");
+    stack.api.wait_for_state(&run, "INPROGRESS", RUN_TIMEOUT);
+    agent.kill();
+    // The container outlives the agent (a crashed agent cannot stop it)…
+    let running = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=dev.ozfleet.task-id={run}"),
+    ]);
+    assert!(!running.trim().is_empty(), "the container kept running");
+
+    // …and the restarted agent (same identity) picks it up and reports how it ended.
+    let agent = docker_agent(&stack, "docker-c", &[]);
+    agent.wait_for_log("Resuming a task", Duration::from_secs(20));
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+    common::wait_until(
+        Duration::from_secs(15),
+        "the container to be removed",
+        || containers_of(&run).is_empty(),
+    );
+}
+
+#[test]
+fn the_agent_sidecar_is_read_only_and_configured_volumes_are_mounted() {
+    let stack = docker_stack();
+    let data = stack.dir.path().join("shared-data");
+    std::fs::create_dir(&data).unwrap();
+    std::fs::write(data.join("hello.txt"), "from the host").unwrap();
+    let volume = format!("{}:/data:ro", data.display());
+    let _agent = docker_agent(&stack, "docker-d", &["-v", &volume]);
+
+    let read = stack.api.create("Read /data/hello.txt");
+    stack.api.wait_for_state(&read, "SUCCEEDED", RUN_TIMEOUT);
+
+    for target in ["/agent/probe", "/data/probe"] {
+        let write = stack.api.create(&format!("Write {target}"));
+        let item = stack.api.wait_for_state(&write, "FAILED", RUN_TIMEOUT);
+        assert_eq!(item["exit_code"], 1, "{target}: {item}");
+    }
+    let writable = stack.api.create("Write /workspace/probe");
+    stack
+        .api
+        .wait_for_state(&writable, "SUCCEEDED", RUN_TIMEOUT);
+}
+
+#[test]
+fn dev_runs_the_demos_in_containers() {
+    require_docker();
+    let port = common::free_port();
+    let output = Command::new(common::ozfleet())
+        .args([
+            "dev",
+            "--backend",
+            "docker",
+            "--exit-after-demo",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .output()
+        .expect("run ozfleet dev");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{:?}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains("Docker backend"), "{stdout}");
+    assert!(
+        stdout.contains("All demo runs ended as expected."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("failure_reason = \"container_exit\", exit_code = 3"),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn kept_containers_of_reported_tasks_are_not_reported_again_after_a_restart() {
+    let stack = docker_stack();
+    let mut agent = docker_agent(&stack, "docker-e", &["--no-cleanup"]);
+    let run = stack.api.create("Say hello and keep the container");
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+    assert_eq!(
+        containers_of(&run).len(),
+        1,
+        "--no-cleanup keeps the container"
+    );
+    // Let the acknowledgement reach the agent before it dies.
+    std::thread::sleep(Duration::from_millis(300));
+    agent.kill();
+
+    let agent = docker_agent(&stack, "docker-e", &["--no-cleanup"]);
+    let second = stack.api.create("Say hello again");
+    stack.api.wait_for_state(&second, "SUCCEEDED", RUN_TIMEOUT);
+    assert!(!agent.log().contains("Resuming a task"), "{}", agent.log());
+    for kept in [&run, &second] {
+        for container in containers_of(kept) {
+            docker(&["rm", "-f", &container]);
+        }
+    }
+}
