@@ -273,3 +273,26 @@ fn bad_configuration_fails_fast_with_a_clear_message() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("--api-key"));
 }
+
+#[test]
+fn a_docker_agent_without_a_daemon_fails_at_startup_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("no-daemon.sock");
+    let output = Command::new(common::ozfleet())
+        .args([
+            "agent",
+            "--backend",
+            "docker",
+            "--join-token",
+            "t",
+            "--state-dir",
+            dir.path().join("state").to_str().unwrap(),
+        ])
+        .env("DOCKER_HOST", format!("unix://{}", socket.display()))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("Failed to create worker"), "{stderr}");
+    assert!(stderr.contains("failed to reach Docker daemon"), "{stderr}");
+}

@@ -65,11 +65,15 @@ fn docker_stack() -> Stack {
 }
 
 fn docker_agent(stack: &Stack, name: &str, extra: &[&str]) -> Proc {
+    docker_agent_pulling(stack, name, "IfNotPresent", extra)
+}
+
+fn docker_agent_pulling(stack: &Stack, name: &str, pull_policy: &str, extra: &[&str]) -> Proc {
     let mut args = vec![
         "--backend",
         "docker",
         "--image-pull-policy",
-        "IfNotPresent",
+        pull_policy,
         "--docker-network",
         "host",
     ];
@@ -114,7 +118,8 @@ fn container_runs_succeed_fail_and_are_cancelled_without_leaks() {
 #[test]
 fn memory_shape_and_missing_images_are_reported_with_their_reasons() {
     let stack = docker_stack();
-    let _agent = docker_agent(&stack, "docker-b", &[]);
+    // Never pull: the test images are local, and a missing one must fail without a pull.
+    let agent = docker_agent_pulling(&stack, "docker-b", "Never", &[]);
 
     let oom = stack.api.create_with_config(
         "Allocate 1500 MiB",
@@ -129,7 +134,15 @@ fn memory_shape_and_missing_images_are_reported_with_their_reasons() {
     );
     let item = stack.api.wait_for_state(&missing, "FAILED", RUN_TIMEOUT);
     assert_eq!(item["failure_reason"], "image_pull", "{item}");
+    let message = item["status_message"]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        message.contains("localhost:5999/does-not-exist:1"),
+        "{item}"
+    );
     assert!(containers_of(&missing).is_empty());
+    assert!(!agent.log().contains("Pulling"), "{}", agent.log());
 }
 
 #[test]
