@@ -5,6 +5,7 @@
 pub mod fleet;
 pub mod node_api;
 pub mod outbox;
+pub mod proxy;
 pub mod scheduler;
 pub mod upstream;
 
@@ -20,6 +21,7 @@ use tracing::{info, warn};
 
 pub use fleet::{Fleet, FleetTimings, NodeSnapshot};
 pub use node_api::JoinToken;
+pub use proxy::ProxyEnv;
 pub use upstream::{Keepalive, UpstreamConfig};
 
 /// How long the node gRPC server may take to close once asked to stop.

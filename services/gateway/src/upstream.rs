@@ -21,6 +21,7 @@ use url::Url;
 use crate::GatewayError;
 use crate::fleet::Fleet;
 use crate::outbox::Outbox;
+use crate::proxy::{self, ProxyEnv};
 
 /// Timings of the upstream connection; the defaults are the reference worker's.
 #[derive(Debug, Clone)]
@@ -56,6 +57,8 @@ pub struct UpstreamConfig {
     pub api_key: String,
     pub worker_id: String,
     pub keepalive: Keepalive,
+    /// HTTP proxy settings (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`).
+    pub proxy: ProxyEnv,
 }
 
 impl std::fmt::Debug for UpstreamConfig {
@@ -65,6 +68,7 @@ impl std::fmt::Debug for UpstreamConfig {
             .field("api_key", &"<redacted>")
             .field("worker_id", &self.worker_id)
             .field("keepalive", &self.keepalive)
+            .field("proxy", &self.proxy)
             .finish()
     }
 }
@@ -168,19 +172,39 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
     request
         .headers_mut()
         .insert(http::header::AUTHORIZATION, bearer);
-    let handshake = tokio_tungstenite::connect_async(request);
-    match tokio::time::timeout(config.keepalive.handshake_timeout, handshake).await {
-        Err(_) => Err(format!(
-            "handshake timed out after {:?}",
-            config.keepalive.handshake_timeout
-        )),
-        Ok(Err(tungstenite::Error::Http(response))) => Err(format!(
-            "handshake rejected with HTTP status {}",
-            response.status()
-        )),
-        Ok(Err(error)) => Err(error.to_string()),
-        Ok(Ok((socket, _response))) => Ok(socket),
-    }
+    let proxy = config.proxy.proxy_for(url)?;
+    let handshake = async {
+        let result = match proxy {
+            None => tokio_tungstenite::connect_async(request).await,
+            Some(proxy) => {
+                let host = url.host_str().ok_or("the WebSocket URL has no host")?;
+                let port = url.port_or_known_default().unwrap_or(443);
+                debug!(
+                    "Tunnelling through proxy {}:{}",
+                    proxy.host_str().unwrap_or_default(),
+                    proxy.port_or_known_default().unwrap_or(80)
+                );
+                let stream = proxy::connect(&proxy, host, port).await?;
+                tokio_tungstenite::client_async_tls(request, stream).await
+            }
+        };
+        result
+            .map(|(socket, _response)| socket)
+            .map_err(|error| match error {
+                tungstenite::Error::Http(response) => {
+                    format!("handshake rejected with HTTP status {}", response.status())
+                }
+                error => error.to_string(),
+            })
+    };
+    tokio::time::timeout(config.keepalive.handshake_timeout, handshake)
+        .await
+        .map_err(|_| {
+            format!(
+                "handshake timed out after {:?}",
+                config.keepalive.handshake_timeout
+            )
+        })?
 }
 
 enum ConnectionEnd {
@@ -339,6 +363,7 @@ mod tests {
             api_key: "k".into(),
             worker_id: "w".into(),
             keepalive: Keepalive::default(),
+            proxy: ProxyEnv::default(),
         };
         let url = connect_url(&config.web_socket_url, "w").unwrap();
         let Err(error) = dial(&url, &config).await else {

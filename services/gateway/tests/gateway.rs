@@ -3,6 +3,7 @@
 
 mod common;
 
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -401,6 +402,75 @@ async fn outcomes_reported_while_oz_is_unreachable_are_sent_after_reconnecting()
     ];
     acked.sort();
     assert_eq!(acked, ["run-1", "run-2"]);
+}
+
+// ---- proxy ---------------------------------------------------------------------------
+
+/// A CONNECT proxy on loopback that tunnels every request to `target`, recording the
+/// request heads it saw.
+async fn start_connect_proxy(target: std::net::SocketAddr) -> (String, Arc<Mutex<Vec<String>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let heads = Arc::new(Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                while !head.ends_with(b"\r\n\r\n") {
+                    let Ok(byte) = client.read_u8().await else {
+                        return;
+                    };
+                    head.push(byte);
+                }
+                seen.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&head).into_owned());
+                let Ok(mut upstream) = tokio::net::TcpStream::connect(target).await else {
+                    return;
+                };
+                client
+                    .write_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                    .await
+                    .unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+            });
+        }
+    });
+    (format!("http://{address}"), heads)
+}
+
+#[tokio::test]
+async fn oz_is_reached_through_the_http_proxy_from_the_environment() {
+    let mut oz = FakeOz::start(OzMode::Accept).await;
+    let (proxy_url, heads) = start_connect_proxy(oz.addr).await;
+    // A non-loopback name: loopback destinations are never proxied. Only the proxy
+    // resolves it (to the fake Oz).
+    let port = oz.addr.port();
+    let mut options = GatewayOptions::new(format!(
+        "ws://oz.proxied.test:{port}{}",
+        oz::WORKER_WEB_SOCKET_PATH
+    ));
+    options.proxy = ozfleet_gateway::ProxyEnv::from_lookup(|name| {
+        (name == "HTTP_PROXY").then(|| proxy_url.clone())
+    });
+    let gateway = TestGateway::start(options).await;
+    let mut upstream = oz.next_connection().await;
+    let heads = heads.lock().unwrap().clone();
+    assert_eq!(heads.len(), 1, "{heads:?}");
+    assert!(
+        heads[0].starts_with(&format!("CONNECT oz.proxied.test:{port} HTTP/1.1\r\n")),
+        "{heads:?}"
+    );
+    assert_eq!(
+        oz.handshakes()[0].authorization.as_deref(),
+        Some(format!("Bearer {API_KEY}").as_str())
+    );
+    // The tunnel carries the protocol both ways.
+    let mut node = FakeNode::attach_id(&gateway, "node-a").await;
+    assign_and_claim(&mut upstream, &mut node, "run-1", "exec-1").await;
 }
 
 // ---- 10. reconnect backoff -----------------------------------------------------------

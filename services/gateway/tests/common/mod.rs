@@ -92,7 +92,7 @@ struct OzShared {
 
 /// A fake Oz worker endpoint on 127.0.0.1.
 pub struct FakeOz {
-    addr: SocketAddr,
+    pub addr: SocketAddr,
     shared: Arc<OzShared>,
     connections: mpsc::UnboundedReceiver<OzConnection>,
     acceptor: JoinHandle<()>,
@@ -346,6 +346,7 @@ pub struct GatewayOptions {
     pub web_socket_url: String,
     pub keepalive: Keepalive,
     pub timings: FleetTimings,
+    pub proxy: ozfleet_gateway::ProxyEnv,
 }
 
 impl GatewayOptions {
@@ -354,6 +355,7 @@ impl GatewayOptions {
             web_socket_url,
             keepalive: test_keepalive(),
             timings: test_timings(),
+            proxy: ozfleet_gateway::ProxyEnv::default(),
         }
     }
 }
@@ -383,6 +385,7 @@ impl TestGateway {
                 api_key: API_KEY.into(),
                 worker_id: WORKER_ID.into(),
                 keepalive: options.keepalive,
+                proxy: options.proxy,
             },
             settings: UpstreamSettings {
                 server_root_url: SERVER_ROOT_URL.into(),

@@ -13,7 +13,9 @@ use ozfleet_agent::NodeConfig;
 use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig, DockerBackend, DockerConfig};
 use ozfleet_agent::identity::load_or_create_node_id;
 use ozfleet_control_plane::{ControlPlaneConfig, TaskImages};
-use ozfleet_gateway::{FleetTimings, GatewayConfig, JoinToken, Keepalive, UpstreamConfig};
+use ozfleet_gateway::{
+    FleetTimings, GatewayConfig, JoinToken, Keepalive, ProxyEnv, UpstreamConfig,
+};
 use ozfleet_proto::oz::WORKER_WEB_SOCKET_PATH;
 use ozfleet_proto::v1::UpstreamSettings;
 use ozfleet_worker_config::ImagePullPolicy;
@@ -155,6 +157,8 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
             api_key: API_KEY.into(),
             worker_id: WORKER_ID.into(),
             keepalive: Keepalive::default(),
+            // Everything is on loopback, which is never proxied.
+            proxy: ProxyEnv::default(),
         },
         settings: UpstreamSettings {
             server_root_url: format!("http://{}", args.listen),

@@ -1,7 +1,9 @@
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use ozfleet_gateway::{FleetTimings, GatewayConfig, JoinToken, Keepalive, UpstreamConfig};
+use ozfleet_gateway::{
+    FleetTimings, GatewayConfig, JoinToken, Keepalive, ProxyEnv, UpstreamConfig,
+};
 use ozfleet_proto::v1::UpstreamSettings;
 use ozfleet_worker_config::{FileConfig, WorkerFlags, merge};
 
@@ -40,6 +42,7 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
             api_key: args.api_key.clone(),
             worker_id: worker_id.clone(),
             keepalive: Keepalive::default(),
+            proxy: ProxyEnv::from_process(),
         },
         settings: UpstreamSettings {
             server_root_url: args.server_root_url.clone(),
