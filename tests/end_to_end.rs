@@ -296,3 +296,25 @@ fn a_docker_agent_without_a_daemon_fails_at_startup_naming_the_problem() {
     assert!(stderr.contains("Failed to create worker"), "{stderr}");
     assert!(stderr.contains("failed to reach Docker daemon"), "{stderr}");
 }
+
+#[test]
+fn setup_commands_cannot_see_the_join_token() {
+    let stack = Stack::start();
+    let dump = stack.dir.path().join("setup-env.txt");
+    let config = stack.dir.path().join("worker.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "backend:\n  direct:\n    setup_command: env > {}\n",
+            dump.display()
+        ),
+    )
+    .unwrap();
+    let _agent = stack.agent("agent-a", &["--config-file", config.to_str().unwrap()]);
+    let run = stack.api.create("Say hello");
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+    let env = std::fs::read_to_string(&dump).unwrap();
+    assert!(env.contains(&format!("OZ_RUN_ID={run}")), "{env}");
+    assert!(!env.contains("OZFLEET_JOIN_TOKEN"), "{env}");
+    assert!(!env.contains(common::JOIN_TOKEN), "{env}");
+}

@@ -84,7 +84,8 @@ fn docker_agent_pulling(stack: &Stack, name: &str, pull_policy: &str, extra: &[&
 #[test]
 fn container_runs_succeed_fail_and_are_cancelled_without_leaks() {
     let stack = docker_stack();
-    let agent = docker_agent(&stack, "docker-a", &[]);
+    // At debug level: the task credentials must stay out of the log all the same.
+    let agent = docker_agent(&stack, "docker-a", &["--log-level", "debug"]);
 
     let hello = stack.api.create("Say hello from a container");
     stack.api.wait_for_state(&hello, "SUCCEEDED", RUN_TIMEOUT);
@@ -113,6 +114,12 @@ fn container_runs_succeed_fail_and_are_cancelled_without_leaks() {
             containers_of(run).is_empty()
         });
     }
+    let log = agent.log();
+    assert!(log.contains("DEBUG"), "the agent logged at debug level");
+    assert!(
+        !log.contains("WARP_API_KEY="),
+        "a task credential reached the log"
+    );
 }
 
 #[test]

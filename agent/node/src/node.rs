@@ -101,6 +101,9 @@ impl NodeState {
 struct Node {
     config: NodeConfig,
     node_id: String,
+    /// Identifies this process to the gateway, which refuses a second process claiming
+    /// the same node id while one is attached.
+    instance_id: String,
     backend: Backend,
     state: Mutex<NodeState>,
     changed: tokio::sync::Notify,
@@ -130,6 +133,7 @@ pub async fn run(
     let node = Arc::new(Node {
         config,
         node_id,
+        instance_id: uuid::Uuid::new_v4().to_string(),
         backend,
         state: Mutex::new(NodeState {
             running: HashMap::new(),
@@ -218,6 +222,7 @@ impl Node {
                 })
                 .collect(),
             unacknowledged_outcomes: state.unacknowledged.values().cloned().collect(),
+            instance_id: self.instance_id.clone(),
         }
     }
 
@@ -265,9 +270,11 @@ impl Node {
                 Some(attach_response::Kind::Assignment(assignment)) => {
                     self.on_assignment(assignment)
                 }
-                Some(attach_response::Kind::Cancellation(cancellation)) => {
-                    self.cancel(&cancellation.task_id, CancelSource::User)
-                }
+                Some(attach_response::Kind::Cancellation(cancellation)) => self.cancel(
+                    &cancellation.task_id,
+                    Some(&cancellation.execution_id),
+                    CancelSource::User,
+                ),
                 Some(attach_response::Kind::OutcomeAck(ack)) => {
                     let mut state = self.lock();
                     if let Err(error) = state.reported.record(&ack.task_id, &ack.execution_id) {
@@ -428,10 +435,18 @@ impl Node {
         took: Duration,
     ) {
         let mut state = self.lock();
-        let source = state
+        let this_execution = state
             .running
-            .remove(task_id)
-            .and_then(|running| running.source);
+            .get(task_id)
+            .is_some_and(|running| running.execution_id == execution_id);
+        let source = if this_execution {
+            state
+                .running
+                .remove(task_id)
+                .and_then(|running| running.source)
+        } else {
+            None
+        };
         let result = outcome_result(result, source);
         match &result {
             task_outcome::Result::Failed(failed) => info!(
@@ -457,9 +472,20 @@ impl Node {
         self.changed.notify_waiters();
     }
 
-    fn cancel(&self, task_id: &str, source: CancelSource) {
+    /// Cancels the task; with `execution_id`, only that execution (a stale cancellation
+    /// must not stop a newer execution of the same run).
+    fn cancel(&self, task_id: &str, execution_id: Option<&str>, source: CancelSource) {
         let mut state = self.lock();
         match state.running.get_mut(task_id) {
+            Some(running)
+                if execution_id.is_some_and(|execution| execution != running.execution_id) =>
+            {
+                warn!(
+                    task_id,
+                    running_execution_id = running.execution_id,
+                    "Ignoring a cancellation for another execution"
+                );
+            }
             Some(running) => {
                 running.source.get_or_insert(source);
                 info!(task_id, ?source, "Cancelling task");
@@ -484,7 +510,7 @@ impl Node {
             );
         }
         for task_id in &task_ids {
-            self.cancel(task_id, CancelSource::Shutdown);
+            self.cancel(task_id, None, CancelSource::Shutdown);
         }
         self.wait_until(self.config.shutdown_grace, |state| state.running.is_empty())
             .await;

@@ -17,6 +17,7 @@ use ozfleet_proto::v1::{
 use tonic::Status;
 use tracing::{debug, info, warn};
 
+use crate::GatewayError;
 use crate::outbox::{Outbox, Queued, Receipt};
 use crate::scheduler::{self, Candidate};
 
@@ -25,6 +26,9 @@ pub type NodeSender = tokio::sync::mpsc::UnboundedSender<Result<AttachResponse, 
 /// How many finished (task, execution) pairs are remembered to drop duplicate outcomes,
 /// which at-least-once delivery from nodes produces after a lost acknowledgement.
 const FINISHED_MEMORY: usize = 10_000;
+/// How long, and how many, cancellations for unknown tasks are remembered.
+const EARLY_CANCELLATION_TTL: Duration = Duration::from_secs(600);
+const EARLY_CANCELLATION_MEMORY: usize = 10_000;
 
 #[derive(Debug, Clone)]
 pub struct FleetTimings {
@@ -32,6 +36,10 @@ pub struct FleetTimings {
     pub offer_timeout: Duration,
     /// A node gone this long has its running tasks reported failed upstream.
     pub node_lost_timeout: Duration,
+    /// HTTP/2 ping interval on node connections; a node that does not answer within the
+    /// same time is taken as gone. Without it, a node host that dies silently (power
+    /// loss, a firewall dropping the flow) would look connected forever.
+    pub node_keepalive: Duration,
 }
 
 impl Default for FleetTimings {
@@ -39,6 +47,7 @@ impl Default for FleetTimings {
         Self {
             offer_timeout: Duration::from_secs(10),
             node_lost_timeout: Duration::from_secs(60),
+            node_keepalive: Duration::from_secs(20),
         }
     }
 }
@@ -61,6 +70,9 @@ struct FleetState {
     finished_order: VecDeque<(String, String)>,
     /// Relayed outcomes still waiting in the outbox; acknowledged once written.
     unsent_outcomes: HashSet<(String, String)>,
+    /// Cancellations Oz sent for tasks not (yet) known here, e.g. while nodes were still
+    /// reattaching after a gateway restart; applied when a node announces the task.
+    early_cancellations: HashMap<String, Instant>,
     next_epoch: u64,
     placements: u64,
 }
@@ -178,12 +190,25 @@ impl Fleet {
         let task_id = assignment.task_id.clone();
         let mut state = self.lock();
         if let Some(existing) = state.tasks.get(&task_id) {
-            warn!(
-                task_id,
-                execution_id = assignment.execution_id,
-                running_execution_id = existing.execution_id,
-                "Ignoring an assignment for a task that is already placed"
-            );
+            if existing.phase == Phase::Running {
+                // Oz offers again what it has not seen claimed (the claim may have been
+                // lost with a connection). The execution that runs carries on; claiming
+                // again tells Oz where the task is.
+                info!(
+                    task_id,
+                    execution_id = assignment.execution_id,
+                    running_execution_id = existing.execution_id,
+                    "Assignment for a task already running here; claiming it again"
+                );
+                self.outbox
+                    .push(WorkerMessage::claimed(&task_id, &self.settings.worker_id));
+            } else {
+                warn!(
+                    task_id,
+                    execution_id = assignment.execution_id,
+                    "Ignoring an assignment for a task that is being placed"
+                );
+            }
             return;
         }
         info!(
@@ -206,9 +231,20 @@ impl Fleet {
     }
 
     pub fn on_cancellation(&self, task_id: &str) {
-        let mut state = self.lock();
+        let mut guard = self.lock();
+        let state = &mut *guard;
         let Some(task) = state.tasks.get_mut(task_id) else {
-            warn!(task_id, "Cancellation for a task that is not active here");
+            warn!(
+                task_id,
+                "Cancellation for a task not known here; applying it if a node announces the task"
+            );
+            let now = Instant::now();
+            state
+                .early_cancellations
+                .retain(|_, at| now.duration_since(*at) < EARLY_CANCELLATION_TTL);
+            if state.early_cancellations.len() < EARLY_CANCELLATION_MEMORY {
+                state.early_cancellations.insert(task_id.to_owned(), now);
+            }
             return;
         };
         task.cancel_requested = true;
@@ -324,11 +360,21 @@ impl Fleet {
 
     /// Registers a (re)connected node and reconciles against the full state it announced.
     /// Returns the connection's epoch.
-    pub fn attach(&self, hello: NodeHello, stream: NodeSender) -> u64 {
+    pub fn attach(&self, hello: NodeHello, stream: NodeSender) -> Result<u64, GatewayError> {
         let mut state = self.lock();
+        let node_id = hello.node_id.clone();
+        if let Some(existing) = state.nodes.get(&node_id)
+            && existing.stream.is_some()
+            && existing.hello.instance_id != hello.instance_id
+        {
+            warn!(
+                node_id,
+                "Refusing a second agent process with the same node id"
+            );
+            return Err(GatewayError::DuplicateNode(node_id));
+        }
         state.next_epoch += 1;
         let epoch = state.next_epoch;
-        let node_id = hello.node_id.clone();
         let welcome = attach_response::Kind::Welcome(v1::Welcome {
             epoch,
             worker_id: self.settings.worker_id.clone(),
@@ -366,7 +412,7 @@ impl Fleet {
             "Node attached"
         );
         self.reconcile(&mut state, &node_id, &hello);
-        epoch
+        Ok(epoch)
     }
 
     /// A hello sent again on a live connection: reconcile against the new full state.
@@ -487,12 +533,26 @@ impl Fleet {
                     );
                     let node = state.nodes.get_mut(node_id).expect("attached node");
                     node.tasks.insert((*task_id).to_owned());
+                    if state.early_cancellations.remove(*task_id).is_some() {
+                        info!(
+                            task_id,
+                            node_id, "Applying the cancellation Oz sent before the node returned"
+                        );
+                        let task = state.tasks.get_mut(*task_id).expect("just adopted");
+                        task.cancel_requested = true;
+                        state.nodes[node_id].send(attach_response::Kind::Cancellation(
+                            v1::TaskCancellation {
+                                task_id: (*task_id).to_owned(),
+                                execution_id: (*execution_id).to_owned(),
+                            },
+                        ));
+                    }
                 }
             }
         }
 
         for outcome in &hello.unacknowledged_outcomes {
-            self.settle(state, node_id, outcome.clone());
+            self.settle(state, node_id, outcome.clone(), true);
         }
     }
 
@@ -582,17 +642,25 @@ impl Fleet {
         if !Self::is_current(&state, node_id, epoch) {
             return;
         }
-        self.settle(&mut state, node_id, outcome);
+        self.settle(&mut state, node_id, outcome, false);
     }
 
     /// Relays a terminal outcome upstream at most once per execution. The node gets its
-    /// acknowledgement only once the message has been written to Oz (see [`Fleet::relayed`]),
-    /// so an outcome is never lost between the node forgetting it and Oz receiving it.
-    fn settle(&self, state: &mut FleetState, node_id: &str, outcome: TaskOutcome) {
+    /// acknowledgement only once the message has been written to the Oz connection (see
+    /// [`Fleet::relayed`]), so the node keeps the outcome while it is only queued here.
+    /// `announced`: the outcome came in the node's hello, its full-state report; only then
+    /// is an outcome for a task this gateway does not know relayed (e.g. a task that ended
+    /// while the gateway was restarting), so a node cannot settle arbitrary runs.
+    fn settle(&self, state: &mut FleetState, node_id: &str, outcome: TaskOutcome, announced: bool) {
         let key = (outcome.task_id.clone(), outcome.execution_id.clone());
         let task_id = outcome.task_id.as_str();
         let relay = match state.tasks.get(task_id) {
             Some(task) if task.node_id == node_id && task.execution_id == outcome.execution_id => {
+                if matches!(task.phase, Phase::Offered { .. }) {
+                    // The acceptance was lost with a connection; Oz needs the claim first.
+                    self.outbox
+                        .push(WorkerMessage::claimed(task_id, &self.settings.worker_id));
+                }
                 state.tasks.remove(task_id);
                 if let Some(node) = state.nodes.get_mut(node_id) {
                     node.tasks.remove(task_id);
@@ -608,7 +676,14 @@ impl Fleet {
                 );
                 false
             }
-            // Unknown here (e.g. the gateway restarted): relay unless already settled.
+            None if !announced => {
+                warn!(
+                    task_id,
+                    node_id, "Dropping an outcome for a task this gateway does not know"
+                );
+                false
+            }
+            // Unknown here but announced (e.g. the gateway restarted): relay unless settled.
             None => !state.finished.contains(&key),
         };
         if relay {
@@ -668,10 +743,12 @@ impl Fleet {
         ));
     }
 
-    /// The node's connection `epoch` ended.
+    /// The node's connection `epoch` ended. Its running tasks wait for it to return (up to
+    /// the node-lost timeout); offers it had not answered stay with it until their offer
+    /// timeout, since it may have accepted them just before the connection broke: placing
+    /// them elsewhere at once could run a task twice.
     pub fn detach(&self, node_id: &str, epoch: u64) {
-        let mut guard = self.lock();
-        let state = &mut *guard;
+        let mut state = self.lock();
         let Some(node) = state.nodes.get_mut(node_id) else {
             return;
         };
@@ -680,27 +757,18 @@ impl Fleet {
         }
         node.stream = None;
         node.disconnected_at = Some(Instant::now());
-        let offered: Vec<String> = node
-            .tasks
-            .iter()
-            .filter(|task_id| {
-                matches!(
-                    state.tasks.get(*task_id).map(|t| t.phase),
-                    Some(Phase::Offered { .. })
-                )
-            })
-            .cloned()
-            .collect();
-        let running = node.tasks.len() - offered.len();
-        info!(node_id, epoch, running, "Node disconnected");
-        for task_id in offered {
-            self.take_back(state, &task_id, true);
-        }
-        if running > 0 {
-            self.forget_node_later(node_id.to_owned(), epoch);
-        }
+        info!(
+            node_id,
+            epoch,
+            tasks = node.tasks.len(),
+            "Node disconnected"
+        );
+        self.forget_node_later(node_id.to_owned(), epoch);
     }
 
+    /// After the node-lost timeout, a node still gone has its tasks reported lost and is
+    /// dropped from the registry (nodes without a persistent identity would otherwise pile
+    /// up).
     fn forget_node_later(&self, node_id: String, epoch: u64) {
         let fleet = self.myself.clone();
         let timeout = self.timings.node_lost_timeout;
@@ -717,12 +785,22 @@ impl Fleet {
             }
             let tasks: Vec<String> = state.nodes[&node_id].tasks.iter().cloned().collect();
             for task_id in tasks {
-                fleet.lose_task(
-                    &mut state,
-                    &task_id,
-                    &format!("node {node_id} has been unreachable for {timeout:?}"),
-                );
+                let offered = state
+                    .tasks
+                    .get(&task_id)
+                    .is_some_and(|task| matches!(task.phase, Phase::Offered { .. }));
+                if offered {
+                    fleet.take_back(&mut state, &task_id, true);
+                } else {
+                    fleet.lose_task(
+                        &mut state,
+                        &task_id,
+                        &format!("node {node_id} has been unreachable for {timeout:?}"),
+                    );
+                }
             }
+            state.nodes.remove(&node_id);
+            info!(node_id, "Forgot a node that did not come back");
         });
     }
 }

@@ -35,6 +35,11 @@ pub enum GatewayError {
     Unauthenticated(&'static str),
     #[error("{0}")]
     InvalidNode(String),
+    #[error(
+        "node id {0} is already attached from another agent process; two hosts seem to share \
+         one node identity: give each its own --state-dir (delete the copied node-id file)"
+    )]
+    DuplicateNode(String),
     #[error(transparent)]
     Stream(#[from] tonic::Status),
     #[error("node API server failed: {0}")]
@@ -49,6 +54,7 @@ impl From<GatewayError> for tonic::Status {
             GatewayError::InvalidNode(_) | GatewayError::InvalidConfig(_) => {
                 tonic::Status::invalid_argument(error.to_string())
             }
+            GatewayError::DuplicateNode(_) => tonic::Status::already_exists(error.to_string()),
             GatewayError::Server(_) => tonic::Status::internal(error.to_string()),
         }
     }
@@ -102,6 +108,8 @@ pub async fn run(
         address.map_or_else(|| "?".into(), |a| a.to_string())
     );
     let server = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(config.timings.node_keepalive))
+        .http2_keepalive_timeout(Some(config.timings.node_keepalive))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(node_api)

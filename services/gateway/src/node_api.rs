@@ -19,6 +19,9 @@ use crate::fleet::Fleet;
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const MAX_NODE_ID_LEN: usize = 128;
+/// Bounds on what one hello may list, so a rogue node cannot flood the gateway.
+const MAX_LISTED_TASKS: usize = 10_000;
+const MAX_LABELS: usize = 64;
 
 /// The shared secret nodes present to join. Its `Debug` never shows it.
 #[derive(Clone)]
@@ -96,6 +99,18 @@ fn validate_hello(hello: &NodeHello) -> Result<(), GatewayError> {
             "hello.node_id must be 1-{MAX_NODE_ID_LEN} characters of [A-Za-z0-9._-]"
         )));
     }
+    if hello.running_tasks.len() > MAX_LISTED_TASKS
+        || hello.unacknowledged_outcomes.len() > MAX_LISTED_TASKS
+    {
+        return Err(GatewayError::InvalidNode(format!(
+            "hello lists more than {MAX_LISTED_TASKS} running tasks or outcomes"
+        )));
+    }
+    if hello.labels.len() > MAX_LABELS {
+        return Err(GatewayError::InvalidNode(format!(
+            "hello.labels has more than {MAX_LABELS} entries"
+        )));
+    }
     for task in &hello.running_tasks {
         if task.task_id.is_empty() {
             return Err(GatewayError::InvalidNode(
@@ -134,7 +149,7 @@ impl NodeService for NodeApi {
 
         let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
         let node_id = hello.node_id.clone();
-        let epoch = self.fleet.attach(hello, sender);
+        let epoch = self.fleet.attach(hello, sender)?;
         let fleet = self.fleet.clone();
         let stop = self.stop.clone();
         tokio::spawn(async move {

@@ -180,11 +180,11 @@ async fn read_response_head(stream: &mut TcpStream) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&head).into_owned())
 }
 
+/// URL userinfo is percent-encoded; unlike form encoding, `+` stays a plus.
 fn percent_decode(text: &str) -> String {
-    url::form_urlencoded::parse(format!("x={text}").as_bytes())
-        .next()
-        .map(|(_, value)| value.into_owned())
-        .unwrap_or_default()
+    percent_encoding::percent_decode_str(text)
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -287,7 +287,7 @@ mod tests {
             }
             heads
         });
-        let proxy_url = Url::parse(&format!("http://us%40er:p%3Ass@{address}")).unwrap();
+        let proxy_url = Url::parse(&format!("http://us%40er:p%3As+s@{address}")).unwrap();
         let mut tunnel = connect(&proxy_url, "oz.warp.dev", 443).await.unwrap();
         let mut first = [0u8; 9];
         tunnel.read_exact(&mut first).await.unwrap();
@@ -295,7 +295,7 @@ mod tests {
 
         let error = connect(&proxy_url, "oz.warp.dev", 443).await.unwrap_err();
         assert!(error.contains("407"), "{error}");
-        assert!(!error.contains("p:ss"), "{error}");
+        assert!(!error.contains("p:s+s"), "{error}");
 
         let heads = server.await.unwrap();
         assert!(
@@ -303,7 +303,7 @@ mod tests {
             "{}",
             heads[0]
         );
-        let token = base64::engine::general_purpose::STANDARD.encode("us@er:p:ss");
+        let token = base64::engine::general_purpose::STANDARD.encode("us@er:p:s+s");
         assert!(
             heads[0].contains(&format!("Proxy-Authorization: Basic {token}\r\n")),
             "{}",

@@ -265,10 +265,13 @@ async fn a_duplicate_assignment_is_not_offered_twice() {
     upstream.assign("run-1", "exec-other");
     node.accept(&assignment);
     assert_eq!(upstream.recv_text().await, claimed_frame("run-1"));
+    // Once it runs, a repeated assignment (Oz did not see the claim) is answered with the
+    // claim again; the running execution carries on and no second one starts.
     upstream.assign("run-1", "exec-1");
+    assert_eq!(upstream.recv_text().await, claimed_frame("run-1"));
 
     // Barrier: the node's next message is run-2, and Oz's next one its claim, so nothing
-    // was sent for the duplicates (no second offer, no claim, no rejection).
+    // else was sent for the duplicates (no second offer, no rejection).
     assign_and_claim(&mut upstream, &mut node, "run-2", "exec-2").await;
 }
 
@@ -402,6 +405,78 @@ async fn outcomes_reported_while_oz_is_unreachable_are_sent_after_reconnecting()
     ];
     acked.sort();
     assert_eq!(acked, ["run-1", "run-2"]);
+}
+
+// ---- silent node death ----------------------------------------------------------------
+
+/// Copies `from` to `to` until `frozen` is set; then reads and discards, keeping the
+/// connection open.
+async fn relay_half(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    frozen: Arc<std::sync::atomic::AtomicBool>,
+) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buffer).await else {
+            return;
+        };
+        if read == 0 {
+            return;
+        }
+        if !frozen.load(Ordering::SeqCst) && to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// A TCP relay in front of the gateway that can be frozen: it then drops every byte in
+/// both directions but keeps the connections open, like a host that lost power or a
+/// firewall that silently discards a flow.
+async fn start_freezable_relay(
+    target: std::net::SocketAddr,
+) -> (String, Arc<std::sync::atomic::AtomicBool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap();
+    let frozen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = frozen.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(target).await else {
+                return;
+            };
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            tokio::spawn(relay_half(client_read, server_write, flag.clone()));
+            tokio::spawn(relay_half(server_read, client_write, flag.clone()));
+        }
+    });
+    (format!("http://{address}"), frozen)
+}
+
+#[tokio::test]
+async fn a_node_that_goes_silent_is_detected_and_its_tasks_reported_lost() {
+    let (_oz, gateway, mut upstream) = start_connected_with(|options| {
+        options.timings.node_keepalive = Duration::from_millis(300);
+        options.timings.node_lost_timeout = Duration::from_millis(500);
+    })
+    .await;
+    let (relay_url, frozen) = start_freezable_relay(gateway.node_addr).await;
+    let mut node = FakeNode::attach_via(&relay_url, hello("node-a")).await;
+    assign_and_claim(&mut upstream, &mut node, "run-1", "exec-1").await;
+
+    frozen.store(true, std::sync::atomic::Ordering::SeqCst);
+    // No FIN, no RST: only the keepalive can tell. Then the node-lost timeout fails the task.
+    match tokio::time::timeout(Duration::from_secs(5), upstream.recv()).await {
+        Ok(WorkerMessage::TaskFailed(failed)) => {
+            assert_eq!(failed.task_id, "run-1");
+            assert_eq!(failed.failure_reason, "unknown");
+        }
+        other => panic!("expected the task to be reported lost, got {other:?}"),
+    }
+    drop(node);
 }
 
 // ---- proxy ---------------------------------------------------------------------------
@@ -757,7 +832,10 @@ async fn an_unacknowledged_outcome_in_a_hello_is_relayed_exactly_once() {
 
 #[tokio::test]
 async fn a_pending_offer_moves_to_the_other_node_when_its_node_disconnects() {
-    let (_oz, gateway, mut upstream) = start_connected().await;
+    let (_oz, gateway, mut upstream) = start_connected_with(|options| {
+        options.timings.offer_timeout = Duration::from_millis(1500);
+    })
+    .await;
     let mut a = FakeNode::attach_id(&gateway, "node-a").await;
     let mut b = FakeNode::attach_id(&gateway, "node-b").await;
 
@@ -766,6 +844,9 @@ async fn a_pending_offer_moves_to_the_other_node_when_its_node_disconnects() {
     let (gone, other) = chosen(&mut a, &mut b, first);
     gone.hang_up();
 
+    // Not at once (the gone node may have accepted just before its connection broke), but
+    // when the offer times out.
+    other.expect_quiet().await;
     let assignment = other.expect_assignment().await;
     assert_eq!(assignment.task_id, "run-1");
     assert_eq!(assignment.oz_assignment_json, data);
@@ -1021,4 +1102,86 @@ async fn shutdown_is_not_held_up_by_a_node_that_never_hangs_up() {
         started.elapsed()
     );
     drop(node);
+}
+
+// ---- review fixes ---------------------------------------------------------------------
+
+#[tokio::test]
+async fn a_cancellation_sent_before_the_node_returns_is_applied_when_it_does() {
+    let (_oz, gateway, upstream) = start_connected().await;
+    // As after a gateway restart: Oz cancels a run whose node has not reattached yet.
+    upstream.cancel("run-1");
+    let mut returning = hello("node-a");
+    returning.running_tasks.push(running("run-1", "exec-1"));
+    let mut node = FakeNode::attach(&gateway, returning).await;
+    let cancellation = node.expect_cancellation().await;
+    assert_eq!(cancellation.task_id, "run-1");
+    assert_eq!(cancellation.execution_id, "exec-1");
+}
+
+#[tokio::test]
+async fn a_live_outcome_for_an_unknown_task_is_not_relayed() {
+    let (_oz, gateway, mut upstream) = start_connected().await;
+    let mut node = FakeNode::attach_id(&gateway, "node-a").await;
+    // Never announced in a hello and never placed here: dropped (but acknowledged).
+    node.report(succeeded("someone-elses-run", "exec-9"));
+    assert_eq!(node.expect_ack().await.task_id, "someone-elses-run");
+    assign_and_claim(&mut upstream, &mut node, "run-2", "exec-2").await;
+}
+
+#[tokio::test]
+async fn an_outcome_for_an_offer_whose_acceptance_was_lost_is_preceded_by_the_claim() {
+    let (_oz, gateway, mut upstream) = start_connected().await;
+    let mut node = FakeNode::attach_id(&gateway, "node-a").await;
+    upstream.assign("run-1", "exec-1");
+    node.expect_assignment().await;
+    // The node ran and finished the task but its acceptance never arrived.
+    node.report(succeeded("run-1", "exec-1"));
+    assert_eq!(upstream.recv_text().await, claimed_frame("run-1"));
+    assert_eq!(
+        upstream.recv().await,
+        WorkerMessage::completed("run-1"),
+        "the outcome follows the claim"
+    );
+}
+
+#[tokio::test]
+async fn a_second_process_with_the_same_node_id_is_refused_while_the_first_is_attached() {
+    let (_oz, gateway, mut upstream) = start_connected().await;
+    let mut first = FakeNode::attach_id(&gateway, "node-a").await;
+    assign_and_claim(&mut upstream, &mut first, "run-1", "exec-1").await;
+
+    let mut clone = hello("node-a");
+    clone.instance_id = "another-host".into();
+    let node_url = gateway.node_url();
+    let attempt = || {
+        open_attach(
+            &node_url,
+            Some(JOIN_TOKEN),
+            vec![hello_request(clone.clone())],
+        )
+    };
+    let Err(refused) = attempt().await else {
+        panic!("a second process with the same node id was let in");
+    };
+    assert_eq!(refused.code(), tonic::Code::AlreadyExists, "{refused}");
+    assert!(refused.message().contains("--state-dir"), "{refused}");
+    // The running task was not touched: its outcome still relays.
+    first.report(succeeded("run-1", "exec-1"));
+    assert_eq!(upstream.recv().await, WorkerMessage::completed("run-1"));
+
+    // Once the first process is gone, the identity may attach from a new process.
+    first.hang_up();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match attempt().await {
+            Ok(_) => break,
+            Err(status)
+                if status.code() == tonic::Code::AlreadyExists && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(status) => panic!("the new process could not attach: {status}"),
+        }
+    }
 }

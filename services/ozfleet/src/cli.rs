@@ -205,6 +205,12 @@ pub fn main() -> ExitCode {
         return crate::demo_agent::main();
     }
     let cli = Cli::parse();
+    if matches!(cli.command, Command::Agent(_)) {
+        // The join token is parsed; tasks' setup and teardown commands inherit this
+        // process's environment, and must not be able to join rogue nodes with it.
+        // SAFETY: no other thread exists yet (the runtime starts below).
+        unsafe { std::env::remove_var("OZFLEET_JOIN_TOKEN") };
+    }
     let log_level = match &cli.command {
         Command::Gateway(args) => args.log_level,
         Command::Agent(args) => args.log_level,

@@ -4,9 +4,39 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+/// Libraries whose debug output carries request and response bodies: bollard logs
+/// container specs and inspections (with task environments, i.e. credentials), the HTTP
+/// and gRPC stacks log frames. They stay at info whatever level is asked for.
+const CAPPED_LIBRARIES: [&str; 7] = [
+    "bollard",
+    "hyper",
+    "hyper_util",
+    "h2",
+    "tonic",
+    "tower",
+    "rustls",
+];
+
+/// The log filter: `RUST_LOG` when set, else `level`; the capped libraries never go below
+/// info either way.
+fn log_filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
+    let mut filter = rust_log
+        .and_then(|directives| EnvFilter::try_new(directives).ok())
+        .unwrap_or_else(|| EnvFilter::new(level));
+    for library in CAPPED_LIBRARIES {
+        filter = filter.add_directive(
+            format!("{library}=info")
+                .parse()
+                .expect("a valid static directive"),
+        );
+    }
+    filter
+}
+
 /// Logs to stderr at `level`; `RUST_LOG`, when set, takes precedence.
 pub fn init_logging(level: &str) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let filter = log_filter(rust_log.as_deref(), level);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -42,4 +72,22 @@ pub fn shutdown_on_signal() -> CancellationToken {
         std::process::exit(130);
     });
     token
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn body_logging_libraries_stay_at_info_even_when_debug_is_asked_for() {
+        for rust_log in [None, Some("debug"), Some("trace"), Some("bollard=trace")] {
+            let shown = log_filter(rust_log, "debug").to_string();
+            for library in CAPPED_LIBRARIES {
+                assert!(
+                    shown.contains(&format!("{library}=info")),
+                    "{rust_log:?}: {shown}"
+                );
+            }
+        }
+    }
 }

@@ -339,6 +339,7 @@ pub fn test_timings() -> FleetTimings {
     FleetTimings {
         offer_timeout: Duration::from_secs(10),
         node_lost_timeout: Duration::from_secs(10),
+        node_keepalive: Duration::from_secs(20),
     }
 }
 
@@ -438,6 +439,8 @@ pub fn hello(node_id: &str) -> NodeHello {
         version: "0.0.0-test".into(),
         running_tasks: Vec::new(),
         unacknowledged_outcomes: Vec::new(),
+        // One agent process per fake node id: reattaching is the same process reconnecting.
+        instance_id: format!("instance-of-{node_id}"),
     }
 }
 
@@ -541,14 +544,15 @@ pub struct FakeNode {
 impl FakeNode {
     /// Attaches with `hello` and the right join token, and reads the welcome.
     pub async fn attach(gateway: &TestGateway, hello: NodeHello) -> Self {
+        Self::attach_via(&gateway.node_url(), hello).await
+    }
+
+    /// Attaches through `url` (e.g. a relay in front of the gateway).
+    pub async fn attach_via(url: &str, hello: NodeHello) -> Self {
         let node_id = hello.node_id.clone();
-        let (sender, responses) = open_attach(
-            &gateway.node_url(),
-            Some(JOIN_TOKEN),
-            vec![hello_request(hello)],
-        )
-        .await
-        .unwrap_or_else(|status| panic!("node {node_id} could not attach: {status}"));
+        let (sender, responses) = open_attach(url, Some(JOIN_TOKEN), vec![hello_request(hello)])
+            .await
+            .unwrap_or_else(|status| panic!("node {node_id} could not attach: {status}"));
         let mut node = Self {
             node_id,
             epoch: 0,
