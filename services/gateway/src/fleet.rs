@@ -26,6 +26,10 @@ pub type NodeSender = tokio::sync::mpsc::UnboundedSender<Result<AttachResponse, 
 /// How many finished (task, execution) pairs are remembered to drop duplicate outcomes,
 /// which at-least-once delivery from nodes produces after a lost acknowledgement.
 const FINISHED_MEMORY: usize = 10_000;
+/// Offers a connected node may leave unanswered in a row before the gateway drops its
+/// connection: a stuck agent whose transport still answers pings would otherwise look
+/// idle and attract every new task.
+const MAX_UNANSWERED_OFFERS: u32 = 3;
 /// How long, and how many, cancellations for unknown tasks are remembered.
 const EARLY_CANCELLATION_TTL: Duration = Duration::from_secs(600);
 const EARLY_CANCELLATION_MEMORY: usize = 10_000;
@@ -86,6 +90,8 @@ struct Node {
     /// Task ids offered to or running on this node.
     tasks: HashSet<String>,
     last_placed: u64,
+    /// Offers that timed out since the node last answered one.
+    unanswered_offers: u32,
 }
 
 impl Node {
@@ -323,12 +329,28 @@ impl Fleet {
                 .tasks
                 .get(&task_id)
                 .is_some_and(|task| task.phase == Phase::Offered { offer });
-            if still_pending {
-                warn!(
-                    task_id,
-                    "Node did not answer the offer in time; placing elsewhere"
-                );
-                fleet.take_back(&mut state, &task_id, true);
+            if !still_pending {
+                return;
+            }
+            let node_id = state.tasks[&task_id].node_id.clone();
+            warn!(
+                task_id,
+                node_id, "Node did not answer the offer in time; placing elsewhere"
+            );
+            fleet.take_back(&mut state, &task_id, true);
+            if let Some(node) = state.nodes.get_mut(&node_id) {
+                node.unanswered_offers += 1;
+                if node.unanswered_offers >= MAX_UNANSWERED_OFFERS && node.stream.is_some() {
+                    warn!(
+                        node_id,
+                        "Node left {MAX_UNANSWERED_OFFERS} offers in a row unanswered; dropping its connection"
+                    );
+                    let epoch = node.epoch;
+                    drop(state);
+                    // Dropping the stream sender ends the node's response stream, so an
+                    // agent that is merely slow reconnects with a fresh full state.
+                    fleet.detach(&node_id, epoch);
+                }
             }
         });
     }
@@ -390,6 +412,7 @@ impl Fleet {
             disconnected_at: None,
             tasks: HashSet::new(),
             last_placed: 0,
+            unanswered_offers: 0,
         });
         if node.stream.is_some() {
             info!(
@@ -574,6 +597,9 @@ impl Fleet {
         if !Self::is_current(&state, node_id, epoch) {
             return;
         }
+        if let Some(node) = state.nodes.get_mut(node_id) {
+            node.unanswered_offers = 0;
+        }
         let offered_here = state.tasks.get(&accepted.task_id).is_some_and(|task| {
             task.node_id == node_id
                 && task.execution_id == accepted.execution_id
@@ -615,6 +641,9 @@ impl Fleet {
         let mut state = self.lock();
         if !Self::is_current(&state, node_id, epoch) {
             return;
+        }
+        if let Some(node) = state.nodes.get_mut(node_id) {
+            node.unanswered_offers = 0;
         }
         let offered_here = state.tasks.get(&refused.task_id).is_some_and(|task| {
             task.node_id == node_id
