@@ -555,9 +555,14 @@ fn parse_data<T: DeserializeOwned>(message_type: &str, raw: &RawValue) -> Result
     })
 }
 
+/// The text of a serde_json error with the values it quotes blanked.
+///
 /// serde's messages quote offending values (`invalid type: string "sk-…"`); values may
-/// be credentials, so everything quoted is blanked unless the message names a field.
-fn redacted_serde_error(error: &serde_json::Error) -> String {
+/// be credentials, so everything quoted is blanked unless the message names a field
+/// (`missing field`, `unknown field`, `duplicate field`). The position (`at line L column
+/// C`) is kept. Use it wherever a parse error of a document that may hold secrets is
+/// logged or returned.
+pub fn redacted_serde_error(error: &serde_json::Error) -> String {
     let text = error.to_string();
     let (message, position) = match text.rfind(" at line ") {
         Some(index) => text.split_at(index),

@@ -8,9 +8,17 @@
 
 mod docker_support;
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use bollard::Docker;
+use bollard::models::{ContainerCreateBody, HostConfig, VolumeCreateRequest};
+use bollard::query_parameters::{
+    ContainerArchiveInfoOptions, CreateContainerOptions, DownloadFromContainerOptions,
+    RemoveContainerOptions, UploadToContainerOptions,
+};
 use docker_support::{BUSYBOX, Node, SIDECAR, SidecarCopy, event_time, events_since, logs, task};
+use futures::TryStreamExt as _;
 use ozfleet_agent::backend::docker::{
     LABEL_EXECUTION_ID, LABEL_MANAGED, LABEL_NODE_ID, LABEL_SIDECAR_IMAGE, LABEL_TASK_ID,
     container_name,
@@ -213,6 +221,220 @@ async fn sidecar_volume_is_filled_once_and_reused() {
         leftovers.is_empty(),
         "helper containers removed: {leftovers:?}"
     );
+}
+
+/// The file the backend writes into a sidecar volume once it is completely filled.
+const COMPLETE_MARKER: &str = ".ozfleet-sidecar-complete";
+
+/// Creates `volume` as the backend does before filling it, empty.
+async fn create_sidecar_volume(daemon: &Docker, volume: &str, image: &str) {
+    daemon
+        .create_volume(VolumeCreateRequest {
+            name: Some(volume.to_owned()),
+            labels: Some(HashMap::from([
+                (LABEL_MANAGED.to_owned(), "true".to_owned()),
+                (LABEL_SIDECAR_IMAGE.to_owned(), image.to_owned()),
+            ])),
+            ..Default::default()
+        })
+        .await
+        .expect("create the sidecar volume");
+}
+
+/// Creates a never-started container of `image` with `labels` and `binds`.
+async fn create_container(
+    daemon: &Docker,
+    image: &str,
+    cmd: &[&str],
+    labels: HashMap<String, String>,
+    binds: Vec<String>,
+) -> String {
+    daemon
+        .create_container(
+            None::<CreateContainerOptions>,
+            ContainerCreateBody {
+                image: Some(image.to_owned()),
+                cmd: Some(cmd.iter().map(|&arg| arg.to_owned()).collect()),
+                labels: Some(labels),
+                host_config: Some(HostConfig {
+                    binds: Some(binds),
+                    network_mode: Some("none".to_owned()),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("create a container")
+        .id
+}
+
+/// Whether `volume` holds the completion marker.
+async fn has_complete_marker(daemon: &Docker, volume: &str, image: &str) -> bool {
+    let probe = create_container(
+        daemon,
+        image,
+        &["true"],
+        HashMap::new(),
+        vec![format!("{volume}:/probe:ro")],
+    )
+    .await;
+    let stat = daemon
+        .get_container_archive_info(
+            &probe,
+            Some(ContainerArchiveInfoOptions {
+                path: format!("/probe/{COMPLETE_MARKER}"),
+            }),
+        )
+        .await;
+    daemon
+        .remove_container(&probe, None::<RemoveContainerOptions>)
+        .await
+        .expect("remove the probe container");
+    match stat {
+        Ok(_) => true,
+        Err(bollard::errors::Error::DockerResponseServerError {
+            status_code: 404, ..
+        }) => false,
+        Err(error) => panic!("cannot stat the marker in {volume}: {error}"),
+    }
+}
+
+#[tokio::test]
+async fn a_sidecar_volume_left_half_filled_is_filled_again() {
+    // Declared first so it is dropped last, after the node's containers are gone.
+    let copy = SidecarCopy::new().await;
+    let node = Node::new().await;
+    let daemon = &node.docker;
+
+    // What an agent killed in the middle of a fill leaves: the volume with part of the
+    // image's files (`/bin`, not `/entrypoint.sh`), no marker, and the extraction container
+    // that still holds the volume.
+    create_sidecar_volume(daemon, &copy.volume, &copy.image).await;
+    let extraction = create_container(
+        daemon,
+        &copy.image,
+        &["true"],
+        HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_SIDECAR_IMAGE.to_owned(), copy.image.clone()),
+        ]),
+        vec![format!("{}:/target", copy.volume)],
+    )
+    .await;
+    // Read whole before writing: the daemon serialises archive requests on one container.
+    let part: Vec<_> = daemon
+        .download_from_container(
+            &extraction,
+            Some(DownloadFromContainerOptions {
+                path: "/bin".to_owned(),
+            }),
+        )
+        .try_collect()
+        .await
+        .expect("read part of the image");
+    daemon
+        .upload_to_container(
+            &extraction,
+            Some(UploadToContainerOptions {
+                path: "/target".to_owned(),
+                ..Default::default()
+            }),
+            bollard::body_try_stream(futures::stream::iter(part.into_iter().map(Ok))),
+        )
+        .await
+        .expect("copy part of the image into the volume");
+    assert!(!has_complete_marker(daemon, &copy.volume, &copy.image).await);
+
+    let docker = backend(node.config()).await;
+    let mut run = task("read /agent/entrypoint.sh");
+    run.sidecars[0].image = copy.image.clone();
+    docker
+        .execute(run, CancellationToken::new())
+        .await
+        .expect("the task runs the entrypoint of a complete /agent");
+    assert!(
+        has_complete_marker(daemon, &copy.volume, &copy.image).await,
+        "the volume was filled again, to the end"
+    );
+    assert!(
+        daemon
+            .inspect_container(&extraction, None)
+            .await
+            .is_err_and(|error| matches!(
+                error,
+                bollard::errors::Error::DockerResponseServerError {
+                    status_code: 404,
+                    ..
+                }
+            )),
+        "the helper left by the killed fill is removed"
+    );
+    let helpers = docker_support::containers_labelled(
+        daemon,
+        &format!("{LABEL_SIDECAR_IMAGE}={}", copy.image),
+    )
+    .await;
+    assert!(helpers.is_empty(), "helpers removed: {helpers:?}");
+
+    // Now complete, the volume is reused as it is.
+    let created_at = daemon
+        .inspect_volume(&copy.volume)
+        .await
+        .expect("volume kept")
+        .created_at;
+    let mut run = task("read /agent/entrypoint.sh");
+    run.sidecars[0].image = copy.image.clone();
+    docker
+        .execute(run, CancellationToken::new())
+        .await
+        .expect("the task reuses the volume");
+    let inspected = daemon.inspect_volume(&copy.volume).await.expect("volume");
+    assert_eq!(inspected.created_at, created_at);
+}
+
+#[tokio::test]
+async fn an_incomplete_sidecar_volume_in_use_fails_the_task_naming_it() {
+    let copy = SidecarCopy::new().await;
+    let node = Node::new().await;
+    let daemon = &node.docker;
+
+    // An incomplete volume a running container still uses (labelled as the node's, so the
+    // node fixture removes it).
+    create_sidecar_volume(daemon, &copy.volume, &copy.image).await;
+    let holder = create_container(
+        daemon,
+        BUSYBOX,
+        &["sleep", "600"],
+        HashMap::from([
+            (LABEL_MANAGED.to_owned(), "true".to_owned()),
+            (LABEL_NODE_ID.to_owned(), node.id.clone()),
+        ]),
+        vec![format!("{}:/holder", copy.volume)],
+    )
+    .await;
+    daemon
+        .start_container(&holder, None)
+        .await
+        .expect("start the container holding the volume");
+
+    let docker = backend(node.config()).await;
+    let mut run = task("hello");
+    run.sidecars[0].image = copy.image.clone();
+    let failed = failure(docker.execute(run, CancellationToken::new()).await);
+    assert_eq!(failed.reason, FailureReason::SidecarPrep, "{failed:?}");
+    assert!(
+        failed
+            .error
+            .contains(&format!("sidecar volume {} is incomplete", copy.volume)),
+        "{failed:?}"
+    );
+    assert!(
+        !has_complete_marker(daemon, &copy.volume, &copy.image).await,
+        "an incomplete volume in use is not filled"
+    );
+    let containers = node.containers().await;
+    assert_eq!(containers.len(), 1, "only the holder: {containers:?}");
 }
 
 #[tokio::test]

@@ -2,7 +2,10 @@
 //!
 //! The body is read as a JSON value and checked field by field so that every error names
 //! the offending field: 400 for what is not JSON or has the wrong type, 422 for what is
-//! well-formed but cannot be run here.
+//! well-formed but cannot be run here. The `config` keys that are copied into task
+//! assignments as they are (`docker_image`, `sidecar_image`, `instance_shape`) are checked
+//! against what a worker can read, and answered with 422 when it could not: a worker drops
+//! an assignment it cannot parse, and the run would stay queued forever.
 
 use serde_json::{Map, Value};
 
@@ -60,6 +63,7 @@ pub fn parse_run_request(body: &[u8]) -> Result<RunSubmission, ApiError> {
         ));
     }
     let worker_host = validate_worker_host(worker_host)?;
+    validate_assignment_overrides(&config)?;
     let prompt = prompt.unwrap_or_default();
     let title = title
         .filter(|title| !title.trim().is_empty())
@@ -111,6 +115,48 @@ fn validate_worker_host(worker_host: Option<String>) -> Result<String, ApiError>
     Ok(worker_host)
 }
 
+/// Checks the `config` keys the control plane copies into task assignments unchanged (the
+/// worker reads `docker_image` and `sidecar_image` as strings and `instance_shape` as
+/// `{vcpus, memory_gb}` integers). Absent keys are fine; `null` is not, as it would replace
+/// the default image with none.
+fn validate_assignment_overrides(config: &Map<String, Value>) -> Result<(), ApiError> {
+    for key in ["docker_image", "sidecar_image"] {
+        let Some(image) = config.get(key) else {
+            continue;
+        };
+        let valid = image
+            .as_str()
+            .is_some_and(|image| !image.is_empty() && !image.contains(char::is_whitespace));
+        if !valid {
+            return Err(ApiError::Unprocessable(format!(
+                "`config.{key}` must be a non-empty image reference without whitespace"
+            )));
+        }
+    }
+    let Some(shape) = config.get("instance_shape") else {
+        return Ok(());
+    };
+    let Value::Object(shape) = shape else {
+        return Err(ApiError::Unprocessable(
+            "`config.instance_shape` must be an object with optional `vcpus` and `memory_gb`"
+                .into(),
+        ));
+    };
+    for (key, value) in shape {
+        if !matches!(key.as_str(), "vcpus" | "memory_gb") {
+            return Err(ApiError::Unprocessable(format!(
+                "`config.instance_shape.{key}` is not supported: only `vcpus` and `memory_gb` are"
+            )));
+        }
+        if value.as_i64().is_none_or(|count| count < 0) {
+            return Err(ApiError::Unprocessable(format!(
+                "`config.instance_shape.{key}` must be a non-negative integer"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Oz titles an untitled run after its prompt; a skill-only run is titled after the skill.
 fn derived_title(prompt: &str, skill: Option<&str>) -> String {
     let source = match prompt.lines().map(str::trim).find(|line| !line.is_empty()) {
@@ -142,6 +188,84 @@ mod tests {
         assert!(run.team);
         assert_eq!(run.worker_host, "w1");
         assert_eq!(Value::Object(run.config), config);
+    }
+
+    #[test]
+    fn assignment_overrides_that_a_worker_can_read_are_kept() {
+        let config = json!({
+            "worker_host": "w",
+            "docker_image": "registry.example.com:5000/team/img@sha256:0123",
+            "sidecar_image": "warpdotdev/warp-agent:latest",
+            "instance_shape": {"vcpus": 4, "memory_gb": 0},
+        });
+        let run = parse(json!({"prompt": "p", "config": config})).unwrap();
+        assert_eq!(Value::Object(run.config), config);
+        for shape in [json!({}), json!({"vcpus": 2}), json!({"memory_gb": 16})] {
+            let config = json!({"worker_host": "w", "instance_shape": shape});
+            assert!(
+                parse(json!({"prompt": "p", "config": config})).is_ok(),
+                "{shape}"
+            );
+        }
+    }
+
+    #[test]
+    fn assignment_overrides_a_worker_could_not_read_are_unprocessable() {
+        let cases = [
+            (json!({"docker_image": ""}), "`config.docker_image`"),
+            (
+                json!({"docker_image": "my image:1"}),
+                "`config.docker_image`",
+            ),
+            (json!({"docker_image": "img:1\n"}), "`config.docker_image`"),
+            (json!({"docker_image": 7}), "`config.docker_image`"),
+            (json!({"docker_image": null}), "`config.docker_image`"),
+            (json!({"sidecar_image": ["a"]}), "`config.sidecar_image`"),
+            (json!({"sidecar_image": " "}), "`config.sidecar_image`"),
+            (json!({"instance_shape": "4x16"}), "`config.instance_shape`"),
+            (json!({"instance_shape": null}), "`config.instance_shape`"),
+            (
+                json!({"instance_shape": [4, 16]}),
+                "`config.instance_shape`",
+            ),
+            (
+                json!({"instance_shape": {"vcpus": "4"}}),
+                "`config.instance_shape.vcpus`",
+            ),
+            (
+                json!({"instance_shape": {"vcpus": -1}}),
+                "`config.instance_shape.vcpus`",
+            ),
+            (
+                json!({"instance_shape": {"memory_gb": 1.5}}),
+                "`config.instance_shape.memory_gb`",
+            ),
+            (
+                json!({"instance_shape": {"memory_gb": u64::MAX}}),
+                "`config.instance_shape.memory_gb`",
+            ),
+            (
+                json!({"instance_shape": {"memory_gb": null}}),
+                "`config.instance_shape.memory_gb`",
+            ),
+            (
+                json!({"instance_shape": {"vcpus": 2, "gpus": 1}}),
+                "`config.instance_shape.gpus`",
+            ),
+        ];
+        for (overrides, named) in cases {
+            let mut config = json!({"worker_host": "w"});
+            for (key, value) in overrides.as_object().unwrap() {
+                config[key] = value.clone();
+            }
+            let body = json!({"prompt": "p", "config": config});
+            match parse(body.clone()) {
+                Err(ApiError::Unprocessable(message)) => {
+                    assert!(message.contains(named), "{body}: {message}")
+                }
+                other => panic!("{body}: expected unprocessable, got {other:?}"),
+            }
+        }
     }
 
     #[test]

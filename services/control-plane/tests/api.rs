@@ -113,6 +113,25 @@ async fn invalid_run_requests_are_refused_with_a_message_naming_the_problem() {
             "unprocessable_entity",
             "`config.worker_host`",
         ),
+        // Copied into assignments as they are: a worker would drop what it cannot read.
+        (
+            r#"{"prompt": "p", "config": {"worker_host": "w1", "instance_shape": {"vcpus": "4"}}}"#,
+            422,
+            "unprocessable_entity",
+            "`config.instance_shape.vcpus`",
+        ),
+        (
+            r#"{"prompt": "p", "config": {"worker_host": "w1", "docker_image": {"name": "x"}}}"#,
+            422,
+            "unprocessable_entity",
+            "`config.docker_image`",
+        ),
+        (
+            r#"{"prompt": "p", "config": {"worker_host": "w1", "sidecar_image": ""}}"#,
+            422,
+            "unprocessable_entity",
+            "`config.sidecar_image`",
+        ),
     ];
     for (body, status, code, named) in cases {
         for path in ["/api/v1/agent/runs", "/api/v1/agent/run"] {

@@ -4,7 +4,9 @@
 //! registry (base64 `user:password` in `auth`, or `username`/`password`, plus an optional
 //! `identitytoken`) is the fallback.
 //!
-//! Credentials are secrets: nothing here logs them, and errors name only the registry.
+//! Credentials are secrets: nothing here logs them, errors name only the registry (a parse
+//! error of the file has the values serde would quote blanked), and the `Debug` output of
+//! the parsed file shows which credentials are set, never their values.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,6 +15,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use bollard::auth::DockerCredentials;
+use ozfleet_proto::oz::redacted_serde_error;
 use serde::Deserialize;
 use tokio::io::AsyncWriteExt;
 
@@ -23,7 +26,7 @@ const HELPER_TIMEOUT: Duration = Duration::from_secs(30);
 /// What a helper answers as the user name when the secret is an identity token.
 const HELPER_TOKEN_USER: &str = "<token>";
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 struct CliConfig {
     #[serde(default)]
     auths: HashMap<String, AuthEntry>,
@@ -33,7 +36,7 @@ struct CliConfig {
     cred_helpers: HashMap<String, String>,
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Default, Deserialize)]
 struct AuthEntry {
     #[serde(default)]
     auth: Option<String>,
@@ -43,6 +46,41 @@ struct AuthEntry {
     password: Option<String>,
     #[serde(default)]
     identitytoken: Option<String>,
+}
+
+impl std::fmt::Debug for CliConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Registry names and helper names are not secrets; the entries redact themselves.
+        f.debug_struct("CliConfig")
+            .field("auths", &self.auths)
+            .field("creds_store", &self.creds_store)
+            .field("cred_helpers", &self.cred_helpers)
+            .finish()
+    }
+}
+
+impl std::fmt::Debug for AuthEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthEntry")
+            .field("auth", &Redacted(&self.auth))
+            .field("username", &Redacted(&self.username))
+            .field("password", &Redacted(&self.password))
+            .field("identitytoken", &Redacted(&self.identitytoken))
+            .finish()
+    }
+}
+
+/// Debug-formats whether a credential is set, never its value.
+struct Redacted<'a>(&'a Option<String>);
+
+impl std::fmt::Debug for Redacted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Some(<redacted>)"
+        } else {
+            "None"
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -74,8 +112,14 @@ pub(super) async fn credentials_for(
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(error) => return Err(format!("reading {}: {error}", config_path.display())),
     };
-    let config: CliConfig = serde_json::from_str(&text)
-        .map_err(|error| format!("parsing {}: {error}", config_path.display()))?;
+    // serde's message quotes offending values, which may be credentials.
+    let config: CliConfig = serde_json::from_str(&text).map_err(|error| {
+        format!(
+            "parsing {}: {}",
+            config_path.display(),
+            redacted_serde_error(&error)
+        )
+    })?;
     let key = image.auth_key();
 
     let helper = lookup(&config.cred_helpers, key)
@@ -295,6 +339,53 @@ mod tests {
         let error = creds(&no_colon, "ghcr.io/a").await.unwrap_err();
         assert!(!error.contains("secretonly"), "{error}");
         assert!(creds("not json", "ghcr.io/a").await.is_err());
+    }
+
+    #[tokio::test]
+    async fn parse_errors_do_not_quote_credentials() {
+        let secret = b64("user:hunter2-password");
+        // An entry that is a string instead of an object.
+        let error = creds(
+            &format!(r#"{{"auths":{{"ghcr.io":"{secret}"}}}}"#),
+            "ghcr.io/a",
+        )
+        .await
+        .unwrap_err();
+        assert!(!error.contains(&secret), "{error}");
+        assert!(!error.contains(&secret[..8]), "{error}");
+        assert!(error.contains("invalid type: string"), "{error}");
+        assert!(error.contains("at line 1 column"), "{error}");
+        // Values of other types are quoted by serde too.
+        let error = creds(
+            r#"{"auths":{"ghcr.io":{"username":"u","password":987654321}}}"#,
+            "ghcr.io/a",
+        )
+        .await
+        .unwrap_err();
+        assert!(!error.contains("987654321"), "{error}");
+        assert!(error.contains("invalid type: integer"), "{error}");
+    }
+
+    #[test]
+    fn debug_output_redacts_credentials() {
+        let config: CliConfig = serde_json::from_str(&format!(
+            r#"{{"credsStore":"desktop","auths":{{"ghcr.io":{{"auth":"{}","username":"octo",
+                "password":"pw-secret","identitytoken":"tok-secret"}}}}}}"#,
+            b64("octo:auth-secret")
+        ))
+        .unwrap();
+        let debug = format!("{config:?}");
+        for secret in [
+            b64("octo:auth-secret").as_str(),
+            "octo",
+            "pw-secret",
+            "tok-secret",
+        ] {
+            assert!(!debug.contains(secret), "{secret} in {debug}");
+        }
+        assert!(debug.contains("ghcr.io"), "{debug}");
+        assert!(debug.contains("desktop"), "{debug}");
+        assert!(debug.contains("password: Some(<redacted>)"), "{debug}");
     }
 
     #[tokio::test]
