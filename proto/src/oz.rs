@@ -354,9 +354,9 @@ pub struct AgentConfig {
     #[serde(
         default,
         deserialize_with = "null_as_default",
-        skip_serializing_if = "BTreeMap::is_empty"
+        skip_serializing_if = "McpServers::is_empty"
     )]
-    pub mcp_servers: BTreeMap<String, Box<RawValue>>,
+    pub mcp_servers: McpServers,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub computer_use_enabled: Option<bool>,
     #[serde(
@@ -391,6 +391,34 @@ pub struct AgentConfig {
         skip_serializing_if = "is_zero"
     )]
     pub snapshot_script_timeout_secs: i64,
+}
+
+/// MCP server configurations. They often carry credentials (headers, env), so `Debug`
+/// shows the server names only.
+#[derive(Clone, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct McpServers(pub BTreeMap<String, Box<RawValue>>);
+
+impl McpServers {
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::ops::Deref for McpServers {
+    type Target = BTreeMap<String, Box<RawValue>>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
+}
+
+impl fmt::Debug for McpServers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(self.0.keys().map(|name| (name, "<redacted>")))
+            .finish()
+    }
 }
 
 impl AgentConfig {
@@ -892,11 +920,13 @@ mod tests {
     }
 
     #[test]
-    fn env_vars_debug_hides_values() {
+    fn env_vars_and_mcp_configs_debug_hide_values() {
         let (a, _) = assignment(SPEC_EXAMPLE);
         let shown = format!("{a:?}");
         assert!(shown.contains("GITHUB_ACCESS_TOKEN"));
         assert!(!shown.contains("ghp_secret"), "{shown}");
+        assert!(shown.contains("\"b\": \"<redacted>\""), "{shown}");
+        assert!(!shown.contains("command"), "{shown}");
     }
 
     #[test]
