@@ -60,6 +60,19 @@ fi
 if ! "$DOCKER" version >/dev/null 2>&1; then
     # dockerd turns IP forwarding on even with --iptables=false; put it back afterwards.
     forwarding=$(cat /proc/sys/net/ipv4/ip_forward 2>/dev/null || echo 1)
+    # A daemon that was killed (e.g. when the session that started it ended) leaves pid
+    # files behind, and dockerd refuses to start while they exist.
+    for pidfile in /var/run/docker.pid /var/run/docker/containerd/containerd.pid; do
+        [ -f "$pidfile" ] || continue
+        pid=$(cat "$pidfile" 2>/dev/null || true)
+        # "<pid> (<comm>) <state> ...": a live dockerd/containerd keeps its file (dockerd then
+        # reports the conflict); a zombie, another program or no process at all does not.
+        stat=$(cat "/proc/$pid/stat" 2>/dev/null || true)
+        case "$stat" in
+            *"(dockerd) "[!Z]* | *"(containerd) "[!Z]*) ;;
+            *) rm -f "$pidfile" ;;
+        esac
+    done
     nohup dockerd --add-runtime runc-noneg="$wrapper" --default-runtime=runc-noneg \
         --iptables=false --ip6tables=false --bridge=none > "$RUN/dockerd.log" 2>&1 &
     echo $! > "$RUN/dockerd.pid"
