@@ -318,3 +318,52 @@ fn setup_commands_cannot_see_the_join_token() {
     assert!(!env.contains("OZFLEET_JOIN_TOKEN"), "{env}");
     assert!(!env.contains(common::JOIN_TOKEN), "{env}");
 }
+
+/// grpcurl, as installed by tests/install-tools.sh.
+fn grpcurl() -> std::path::PathBuf {
+    let path = std::env::var_os("OZFLEET_GRPCURL")
+        .map(std::path::PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| std::path::Path::new(&home).join(".cache/ozfleet-tools/bin/grpcurl"))
+        })
+        .expect("HOME or OZFLEET_GRPCURL is set");
+    assert!(
+        path.exists(),
+        "grpcurl not found at {}: run tests/install-tools.sh",
+        path.display()
+    );
+    path
+}
+
+#[test]
+fn ops_can_inspect_the_gateway_with_grpcurl() {
+    let stack = Stack::start();
+    let address = format!("127.0.0.1:{}", stack.gateway_port);
+    let run = |args: &[&str]| {
+        let output = Command::new(grpcurl())
+            .arg("-plaintext")
+            .args(args)
+            .output()
+            .expect("run grpcurl");
+        assert!(
+            output.status.success(),
+            "grpcurl {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let services = run(&[&address, "list"]);
+    for service in ["ozfleet.v1.NodeService", "grpc.health.v1.Health"] {
+        assert!(services.contains(service), "{services}");
+    }
+    let described = run(&[&address, "describe", "ozfleet.v1.NodeService"]);
+    assert!(described.contains("rpc Attach"), "{described}");
+    let health = run(&[
+        "-d",
+        r#"{"service":"ozfleet.v1.NodeService"}"#,
+        &address,
+        "grpc.health.v1.Health/Check",
+    ]);
+    assert!(health.contains("SERVING"), "{health}");
+}

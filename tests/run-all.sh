@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The whole test suite: formatting, proto lint, clippy, unit, integration and
-# end-to-end tests. Installs what it needs: buf (tests/install-tools.sh) and a real
+# end-to-end tests. Installs what it needs: buf and grpcurl (tests/install-tools.sh), a real
 # Docker Engine with locally built test images (tests/docker/start-docker.sh, needs root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bin_dir="$(tests/install-tools.sh)"
+export OZFLEET_GRPCURL="$bin_dir/grpcurl"
 echo "== Docker Engine and test images"
 tests/docker/start-docker.sh
 

@@ -89,11 +89,19 @@ pub async fn run(
     health_reporter
         .set_serving::<NodeServiceServer<node_api::NodeApi>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(ozfleet_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|error| GatewayError::InvalidConfig(format!("reflection: {error}")))?;
+    // Both reflection versions: grpcurl and many other clients still speak v1alpha.
+    let reflection_builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ozfleet_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_error = |error: tonic_reflection::server::Error| {
+        GatewayError::InvalidConfig(format!("reflection: {error}"))
+    };
+    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
+    let reflection_v1alpha = reflection_builder()
+        .build_v1alpha()
+        .map_err(reflection_error)?;
     let server_stop = CancellationToken::new();
     let node_api = NodeServiceServer::new(node_api::NodeApi::new(
         fleet.clone(),
@@ -112,6 +120,7 @@ pub async fn run(
         .http2_keepalive_timeout(Some(config.timings.node_keepalive))
         .add_service(health_service)
         .add_service(reflection)
+        .add_service(reflection_v1alpha)
         .add_service(node_api)
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(node_listener),
