@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Stack, free_port};
+use common::Stack;
 use ozfleet::processes_of_run;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
@@ -183,22 +183,7 @@ fn runs_survive_a_control_plane_restart() {
 
 #[test]
 fn dev_runs_the_three_demos_to_their_expected_ends() {
-    let port = free_port();
-    let output = Command::new(common::ozfleet())
-        .args([
-            "dev",
-            "--exit-after-demo",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .output()
-        .expect("run ozfleet dev");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let stdout = common::run_dev_demos(&[]);
     assert!(
         stdout.contains("All demo runs ended as expected."),
         "{stdout}"
@@ -210,6 +195,20 @@ fn dev_runs_the_three_demos_to_their_expected_ends() {
         stdout.contains("failure_reason = \"agent_invocation\", exit_code = 3"),
         "{stdout}"
     );
+}
+
+#[test]
+fn even_trace_logging_keeps_credentials_out_of_the_log() {
+    let (stdout, log) = common::run_dev_demos_logging(&[], "trace");
+    assert!(
+        stdout.contains("All demo runs ended as expected."),
+        "{stdout}"
+    );
+    assert!(
+        log.contains("DEBUG"),
+        "the stack logged at debug level and below"
+    );
+    common::assert_no_credentials(&log, "ozfleet-dev-key");
 }
 
 #[test]

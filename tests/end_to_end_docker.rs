@@ -206,25 +206,8 @@ fn the_agent_sidecar_is_read_only_and_configured_volumes_are_mounted() {
 #[test]
 fn dev_runs_the_demos_in_containers() {
     require_docker();
-    let port = common::free_port();
-    let output = Command::new(common::ozfleet())
-        .args([
-            "dev",
-            "--backend",
-            "docker",
-            "--exit-after-demo",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .output()
-        .expect("run ozfleet dev");
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{:?}\n{stdout}\n{}",
-        output.status,
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let (stdout, log) = common::run_dev_demos_logging(&["--backend", "docker"], "trace");
+    common::assert_no_credentials(&log, "ozfleet-dev-key");
     assert!(stdout.contains("Docker backend"), "{stdout}");
     assert!(
         stdout.contains("All demo runs ended as expected."),

@@ -41,7 +41,6 @@ pub mod message_type {
     pub const TASK_REJECTED: &str = "task_rejected";
     pub const TASK_COMPLETED: &str = "task_completed";
     pub const TASK_FAILED: &str = "task_failed";
-    pub const HEARTBEAT: &str = "heartbeat";
 }
 
 /// The bounded set of failure reasons (also the `failure_reason` wire values).

@@ -38,6 +38,47 @@ pub fn free_port() -> u16 {
         .expect("a free loopback port")
 }
 
+/// Runs `ozfleet dev --exit-after-demo` on a free port with `extra` arguments, asserts
+/// that it exited successfully and returns what it printed.
+pub fn run_dev_demos(extra: &[&str]) -> String {
+    run_dev_demos_logging(extra, "warn").0
+}
+
+/// [`run_dev_demos`] with `RUST_LOG` set to `rust_log`; returns what it printed and its log.
+pub fn run_dev_demos_logging(extra: &[&str], rust_log: &str) -> (String, String) {
+    let listen = format!("127.0.0.1:{}", free_port());
+    let output = Command::new(ozfleet())
+        .args(["dev", "--exit-after-demo", "--listen", &listen])
+        .args(extra)
+        .env("RUST_LOG", rust_log)
+        .output()
+        .expect("run ozfleet dev");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{:?}\n{stdout}\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (stdout, String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// Asserts that a log holds no credential of a demo run: no task `env_vars` (the run
+/// tokens sent as `WARP_API_KEY`), no bearer header, no API key.
+pub fn assert_no_credentials(log: &str, api_key: &str) {
+    for (line_number, line) in log.lines().enumerate() {
+        let leaked = line.contains("WARP_API_KEY=")
+            || line.contains("\"WARP_API_KEY\"")
+            || line.contains("Bearer ")
+            || line.contains(api_key);
+        assert!(
+            !leaked,
+            "credential in log line {}: {line}",
+            line_number + 1
+        );
+    }
+}
+
 /// Polls `condition` until it holds or `timeout` passes.
 pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> bool) {
     let deadline = Instant::now() + timeout;

@@ -6,7 +6,6 @@
 //! across an await.
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
@@ -61,7 +60,6 @@ pub struct Fleet {
     outbox: Arc<Outbox>,
     settings: UpstreamSettings,
     timings: FleetTimings,
-    upstream_connected: AtomicBool,
     myself: Weak<Fleet>,
 }
 
@@ -86,7 +84,6 @@ struct Node {
     epoch: u64,
     /// `None` while the node is disconnected.
     stream: Option<NodeSender>,
-    disconnected_at: Option<Instant>,
     /// Task ids offered to or running on this node.
     tasks: HashSet<String>,
     last_placed: u64,
@@ -129,17 +126,6 @@ enum Phase {
     Running,
 }
 
-/// A read-only view of one node, for logs and the ops API.
-#[derive(Debug, Clone)]
-pub struct NodeSnapshot {
-    pub node_id: String,
-    pub node_name: String,
-    pub epoch: u64,
-    pub connected: bool,
-    pub running_tasks: usize,
-    pub max_concurrent_tasks: u32,
-}
-
 impl Fleet {
     pub fn new(
         outbox: Arc<Outbox>,
@@ -151,39 +137,8 @@ impl Fleet {
             outbox,
             settings,
             timings,
-            upstream_connected: AtomicBool::new(false),
             myself: myself.clone(),
         })
-    }
-
-    pub fn worker_id(&self) -> &str {
-        &self.settings.worker_id
-    }
-
-    pub fn set_upstream_connected(&self, connected: bool) {
-        self.upstream_connected.store(connected, Ordering::Relaxed);
-    }
-
-    pub fn upstream_connected(&self) -> bool {
-        self.upstream_connected.load(Ordering::Relaxed)
-    }
-
-    pub fn nodes(&self) -> Vec<NodeSnapshot> {
-        let state = self.lock();
-        let mut nodes: Vec<_> = state
-            .nodes
-            .iter()
-            .map(|(node_id, node)| NodeSnapshot {
-                node_id: node_id.clone(),
-                node_name: node.hello.node_name.clone(),
-                epoch: node.epoch,
-                connected: node.stream.is_some(),
-                running_tasks: node.tasks.len(),
-                max_concurrent_tasks: node.hello.max_concurrent_tasks,
-            })
-            .collect();
-        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
-        nodes
     }
 
     fn lock(&self) -> MutexGuard<'_, FleetState> {
@@ -409,7 +364,6 @@ impl Fleet {
             hello: hello.clone(),
             epoch,
             stream: None,
-            disconnected_at: None,
             tasks: HashSet::new(),
             last_placed: 0,
             unanswered_offers: 0,
@@ -423,7 +377,6 @@ impl Fleet {
         node.hello = hello.clone();
         node.epoch = epoch;
         node.stream = Some(stream);
-        node.disconnected_at = None;
         info!(
             node_id,
             node_name = hello.node_name,
@@ -785,7 +738,6 @@ impl Fleet {
             return;
         }
         node.stream = None;
-        node.disconnected_at = Some(Instant::now());
         info!(
             node_id,
             epoch,

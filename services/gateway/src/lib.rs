@@ -19,7 +19,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-pub use fleet::{Fleet, FleetTimings, NodeSnapshot};
+pub use fleet::{Fleet, FleetTimings};
 pub use node_api::JoinToken;
 pub use proxy::ProxyEnv;
 pub use upstream::{Keepalive, UpstreamConfig};

@@ -38,10 +38,6 @@ impl JoinToken {
         Ok(Self(token))
     }
 
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-
     fn matches(&self, presented: &str) -> bool {
         self.0.as_bytes().ct_eq(presented.as_bytes()).into()
     }

@@ -117,10 +117,8 @@ pub async fn run(
         let stable = match outcome {
             Ok(socket) => {
                 info!("Connected to Oz as worker {}", config.worker_id);
-                fleet.set_upstream_connected(true);
                 let started = Instant::now();
                 let end = serve(socket, &config.keepalive, &outbox, &fleet, &shutdown).await;
-                fleet.set_upstream_connected(false);
                 match end {
                     ConnectionEnd::Shutdown => break,
                     ConnectionEnd::Lost(reason) => {

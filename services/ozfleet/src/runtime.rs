@@ -4,17 +4,23 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
-/// Libraries whose debug output carries request and response bodies: bollard logs
-/// container specs and inspections (with task environments, i.e. credentials), the HTTP
-/// and gRPC stacks log frames. They stay at info whatever level is asked for.
-const CAPPED_LIBRARIES: [&str; 7] = [
+/// Libraries whose debug or trace output carries request and response bodies or headers:
+/// bollard logs container specs (task environments), the WebSocket, HTTP and gRPC stacks
+/// log frames and handshakes (assignments with `env_vars`, bearer tokens). They stay at
+/// info whatever level is asked for.
+const CAPPED_LIBRARIES: [&str; 12] = [
     "bollard",
+    "tungstenite",
+    "tokio_tungstenite",
+    "axum",
     "hyper",
     "hyper_util",
     "h2",
     "tonic",
     "tower",
     "rustls",
+    "ureq",
+    "ureq_proto",
 ];
 
 /// The log filter: `RUST_LOG` when set, else `level`; the capped libraries never go below

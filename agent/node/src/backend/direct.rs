@@ -100,14 +100,7 @@ impl fmt::Debug for DirectConfig {
             .field("oz_path", &self.oz_path)
             .field("setup_command", &self.setup_command)
             .field("teardown_command", &self.teardown_command)
-            .field(
-                "environment",
-                &self
-                    .environment
-                    .iter()
-                    .map(|(name, _)| name)
-                    .collect::<Vec<_>>(),
-            )
+            .field("environment", &super::env_names(&self.environment))
             .field("cleanup", &self.cleanup)
             .field("cancel_grace", &self.cancel_grace)
             .finish()

@@ -99,14 +99,7 @@ impl std::fmt::Debug for DockerConfig {
         f.debug_struct("DockerConfig")
             .field("node_id", &self.node_id)
             .field("volumes", &self.volumes)
-            .field(
-                "environment",
-                &self
-                    .environment
-                    .iter()
-                    .map(|(name, _)| name)
-                    .collect::<Vec<_>>(),
-            )
+            .field("environment", &super::env_names(&self.environment))
             .field("cleanup", &self.cleanup)
             .field("image_pull_policy", &self.image_pull_policy)
             .field("network_mode", &self.network_mode)

@@ -39,13 +39,18 @@ impl std::fmt::Debug for TaskRun {
             .field("task_id", &self.task_id)
             .field("execution_id", &self.execution_id)
             .field("base_args", &self.base_args)
-            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("env", &env_names(&self.env))
             .field("harness", &self.harness)
             .field("image", &self.image)
             .field("sidecars", &self.sidecars)
             .field("instance_shape", &self.instance_shape)
             .finish()
     }
+}
+
+/// The names of an environment, for `Debug` output: values may be credentials.
+pub(crate) fn env_names(env: &[(String, String)]) -> Vec<&str> {
+    env.iter().map(|(name, _)| name.as_str()).collect()
 }
 
 /// A task that did not run to success.
