@@ -29,12 +29,7 @@ pub enum IdentityError {
     Invalid { path: String, id: String },
 }
 
-pub fn is_valid_node_id(id: &str) -> bool {
-    (1..=128).contains(&id.len())
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-}
+pub use ozfleet_proto::node_id::is_valid_node_id;
 
 /// Reads the node id from `state_dir`, creating the directory and a fresh id on first use.
 /// A corrupt id file is an error rather than silently replaced: a new identity would
