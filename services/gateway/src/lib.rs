@@ -2,11 +2,16 @@
 //! node agents, places each assigned task on a node and relays claims, rejections,
 //! cancellations and outcomes.
 
+//!
+//! Where each job lives: [`upstream`] (the Oz WebSocket), [`outbox`] (messages to Oz that
+//! survive reconnects), [`fleet`] (the state machine: node registry, placement, task
+//! ledger, reconciliation, deadlines, events), [`node_api`] (the gRPC endpoint nodes
+//! attach to), [`proxy`] (reaching Oz through an HTTP proxy).
+
 pub mod fleet;
 pub mod node_api;
 pub mod outbox;
 pub mod proxy;
-pub mod scheduler;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -15,11 +20,13 @@ use std::time::Duration;
 use ozfleet_proto::v1::UpstreamSettings;
 use ozfleet_proto::v1::node_service_server::NodeServiceServer;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
-pub use fleet::{Fleet, FleetTimings};
+pub use fleet::{Fleet, FleetEvent, FleetSnapshot, FleetTimings};
 pub use node_api::JoinToken;
 pub use proxy::ProxyEnv;
 pub use upstream::{Keepalive, UpstreamConfig};
@@ -40,6 +47,8 @@ pub enum GatewayError {
          one node identity: give each its own --state-dir (delete the copied node-id file)"
     )]
     DuplicateNode(String),
+    #[error("no node {0} is known to this gateway; list the nodes to see their ids")]
+    UnknownNode(String),
     #[error(transparent)]
     Stream(#[from] tonic::Status),
     #[error("node API server failed: {0}")]
@@ -55,6 +64,7 @@ impl From<GatewayError> for tonic::Status {
                 tonic::Status::invalid_argument(error.to_string())
             }
             GatewayError::DuplicateNode(_) => tonic::Status::already_exists(error.to_string()),
+            GatewayError::UnknownNode(_) => tonic::Status::not_found(error.to_string()),
             GatewayError::Server(_) => tonic::Status::internal(error.to_string()),
         }
     }
@@ -76,14 +86,26 @@ pub async fn run(
     config: GatewayConfig,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
-    // Validate before anything starts, so a bad URL fails the process instead of a loop.
-    upstream::connect_url(&config.upstream.web_socket_url, &config.upstream.worker_id)?;
     let outbox = Arc::new(outbox::Outbox::default());
     let fleet = Fleet::new(
         outbox.clone(),
         config.settings.clone(),
         config.timings.clone(),
     );
+    run_with_fleet(node_listener, config, fleet, outbox, shutdown).await
+}
+
+/// [`run`] with a fleet built by the caller, who can then watch its events and
+/// snapshots.
+pub async fn run_with_fleet(
+    node_listener: TcpListener,
+    config: GatewayConfig,
+    fleet: Arc<Fleet>,
+    outbox: Arc<outbox::Outbox>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    // Validate before anything starts, so a bad URL fails the process instead of a loop.
+    upstream::connect_url(&config.upstream.web_socket_url, &config.upstream.worker_id)?;
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -103,9 +125,11 @@ pub async fn run(
         .build_v1alpha()
         .map_err(reflection_error)?;
     let server_stop = CancellationToken::new();
+    let attach_streams = TaskTracker::new();
     let node_api = NodeServiceServer::new(node_api::NodeApi::new(
         fleet.clone(),
         config.join_token,
+        attach_streams.clone(),
         server_stop.clone(),
     ));
 
@@ -115,7 +139,7 @@ pub async fn run(
         "Gateway listening for node agents on {}",
         address.map_or_else(|| "?".into(), |a| a.to_string())
     );
-    let server = tonic::transport::Server::builder()
+    let serve = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.timings.node_keepalive))
         .http2_keepalive_timeout(Some(config.timings.node_keepalive))
         .add_service(health_service)
@@ -126,28 +150,45 @@ pub async fn run(
             TcpListenerStream::new(node_listener),
             server_stop.clone().cancelled_owned(),
         );
-    let mut server = tokio::spawn(server);
+    let mut server = JoinSet::new();
+    server.spawn(async move { serve.await.map_err(GatewayError::from) });
+    let mut deadlines = JoinSet::new();
+    let deadlines_stop = CancellationToken::new();
+    deadlines.spawn({
+        let fleet = fleet.clone();
+        let stop = deadlines_stop.clone();
+        async move { fleet.run_deadlines(stop).await }
+    });
 
     let upstream = upstream::run(config.upstream, outbox, fleet.clone(), shutdown.clone());
     let upstream_result = tokio::select! {
         result = upstream => result,
-        joined = &mut server => {
+        joined = server.join_next() => {
             shutdown.cancel();
+            deadlines_stop.cancel();
             return match joined {
-                Ok(result) => result.map_err(GatewayError::from),
-                Err(panic) => Err(GatewayError::InvalidConfig(format!("node API server task failed: {panic}"))),
+                Some(Ok(result)) => result,
+                Some(Err(panic)) => Err(GatewayError::InvalidConfig(format!("node API server task failed: {panic}"))),
+                None => Ok(()),
             };
         }
     };
 
     fleet.close_node_streams();
     server_stop.cancel();
-    if tokio::time::timeout(SERVER_STOP_TIMEOUT, &mut server)
+    deadlines_stop.cancel();
+    attach_streams.close();
+    let stopped = async {
+        server.join_all().await;
+        attach_streams.wait().await;
+        deadlines.join_all().await;
+    };
+    if tokio::time::timeout(SERVER_STOP_TIMEOUT, stopped)
         .await
         .is_err()
     {
+        // Dropping the JoinSets aborts what is left.
         warn!("Node API server did not stop within {SERVER_STOP_TIMEOUT:?}; abandoning it");
-        server.abort();
     }
     info!("Gateway stopped");
     upstream_result

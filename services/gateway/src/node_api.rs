@@ -4,12 +4,15 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
+use ozfleet_proto::node_id::{NODE_ID_RULE, is_valid_node_id};
 use ozfleet_proto::v1::node_service_server::NodeService;
 use ozfleet_proto::v1::{AttachRequest, AttachResponse, NodeHello, attach_request};
+use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, warn};
 
@@ -18,14 +21,13 @@ use crate::fleet::Fleet;
 
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
-const MAX_NODE_ID_LEN: usize = 128;
 /// Bounds on what one hello may list, so a rogue node cannot flood the gateway.
 const MAX_LISTED_TASKS: usize = 10_000;
 const MAX_LABELS: usize = 64;
 
-/// The shared secret nodes present to join. Its `Debug` never shows it.
-#[derive(Clone)]
-pub struct JoinToken(String);
+/// The shared secret nodes present to join; a secret type, so no `Debug` or log shows it.
+#[derive(Clone, Debug)]
+pub struct JoinToken(SecretString);
 
 impl JoinToken {
     pub fn new(token: impl Into<String>) -> Result<Self, GatewayError> {
@@ -35,33 +37,39 @@ impl JoinToken {
                 "the join token is empty".into(),
             ));
         }
-        Ok(Self(token))
+        Ok(Self(SecretString::from(token)))
     }
 
     fn matches(&self, presented: &str) -> bool {
-        self.0.as_bytes().ct_eq(presented.as_bytes()).into()
-    }
-}
-
-impl std::fmt::Debug for JoinToken {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("JoinToken(<redacted>)")
+        self.0
+            .expose_secret()
+            .as_bytes()
+            .ct_eq(presented.as_bytes())
+            .into()
     }
 }
 
 pub struct NodeApi {
     fleet: Arc<Fleet>,
     join_token: JoinToken,
+    /// Owns the reader of every attach stream.
+    streams: TaskTracker,
     /// Ends every attach stream's reader when the gateway stops, so open streams do not
     /// hold the server's shutdown.
     stop: CancellationToken,
 }
 
 impl NodeApi {
-    pub fn new(fleet: Arc<Fleet>, join_token: JoinToken, stop: CancellationToken) -> Self {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        join_token: JoinToken,
+        streams: TaskTracker,
+        stop: CancellationToken,
+    ) -> Self {
         Self {
             fleet,
             join_token,
+            streams,
             stop,
         }
     }
@@ -82,17 +90,9 @@ impl NodeApi {
 }
 
 fn validate_hello(hello: &NodeHello) -> Result<(), GatewayError> {
-    let id = &hello.node_id;
-    if id.is_empty() {
-        return Err(GatewayError::InvalidNode("hello.node_id is empty".into()));
-    }
-    if id.len() > MAX_NODE_ID_LEN
-        || !id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-    {
+    if !is_valid_node_id(&hello.node_id) {
         return Err(GatewayError::InvalidNode(format!(
-            "hello.node_id must be 1-{MAX_NODE_ID_LEN} characters of [A-Za-z0-9._-]"
+            "hello.node_id must be {NODE_ID_RULE}"
         )));
     }
     if hello.running_tasks.len() > MAX_LISTED_TASKS
@@ -128,66 +128,110 @@ impl NodeService for NodeApi {
         request: Request<Streaming<AttachRequest>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         self.authenticate(&request)?;
-        let mut inbound = request.into_inner();
-        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
-            .await
-            .map_err(|_| GatewayError::InvalidNode("no hello within 10 s".into()))??;
-        let hello = match first.and_then(|message| message.kind) {
-            Some(attach_request::Kind::Hello(hello)) => hello,
-            _ => {
-                return Err(GatewayError::InvalidNode(
-                    "the first message of an attach stream must be a hello".into(),
-                )
-                .into());
-            }
-        };
-        validate_hello(&hello)?;
-
-        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-        let node_id = hello.node_id.clone();
-        let epoch = self.fleet.attach(hello, sender)?;
-        let fleet = self.fleet.clone();
-        let stop = self.stop.clone();
-        tokio::spawn(async move {
-            loop {
-                let message = tokio::select! {
-                    message = inbound.message() => message,
-                    () = stop.cancelled() => break,
-                };
-                match message {
-                    Ok(Some(message)) => dispatch(&fleet, &node_id, epoch, message),
-                    Ok(None) => break,
-                    Err(status) => {
-                        debug!(node_id, epoch, "Attach stream ended: {status}");
-                        break;
-                    }
-                }
-            }
-            fleet.detach(&node_id, epoch);
-        });
-        Ok(Response::new(Box::pin(UnboundedReceiverStream::new(
-            receiver,
-        ))))
+        let responses = open_attach(
+            &self.fleet,
+            &self.streams,
+            self.stop.clone(),
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(Box::pin(responses)))
     }
 }
 
-fn dispatch(fleet: &Fleet, node_id: &str, epoch: u64, message: AttachRequest) {
-    match message.kind {
-        Some(attach_request::Kind::Hello(hello)) if hello.node_id == node_id => {
-            // A mid-stream hello is a full resync on the same connection.
-            if validate_hello(&hello).is_ok() {
-                fleet.resync(node_id, epoch, hello);
+/// Serves one attach stream whatever carries it (gRPC, or an in-process pipe in tests):
+/// waits for the hello, attaches the node and hands every later message to the fleet
+/// from a reader owned by `streams`. Returns the stream of messages to the node.
+pub async fn open_attach<S>(
+    fleet: &Arc<Fleet>,
+    streams: &TaskTracker,
+    stop: CancellationToken,
+    mut inbound: S,
+) -> Result<UnboundedReceiverStream<Result<AttachResponse, Status>>, GatewayError>
+where
+    S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
+{
+    let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.next())
+        .await
+        .map_err(|_| GatewayError::InvalidNode("no hello within 10 s".into()))?
+        .transpose()?;
+    let hello = match first.and_then(|message| message.kind) {
+        Some(attach_request::Kind::Hello(hello)) => hello,
+        _ => {
+            return Err(GatewayError::InvalidNode(
+                "the first message of an attach stream must be a hello".into(),
+            ));
+        }
+    };
+    validate_hello(&hello)?;
+
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let epoch = fleet.attach(&hello, sender)?;
+    // Detaches however the reader ends, a panic included, so a node never looks attached
+    // on a connection nobody reads.
+    let connection = Connection {
+        fleet: fleet.clone(),
+        node_id: hello.node_id,
+        epoch,
+    };
+    streams.spawn(async move {
+        loop {
+            let message = tokio::select! {
+                message = inbound.next() => message,
+                () = stop.cancelled() => break,
+            };
+            match message {
+                Some(Ok(message)) => connection.dispatch(message),
+                None => break,
+                Some(Err(status)) => {
+                    debug!(
+                        node_id = connection.node_id,
+                        epoch, "Attach stream ended: {status}"
+                    );
+                    break;
+                }
             }
         }
-        Some(attach_request::Kind::Hello(_)) => {
-            warn!(node_id, "Ignoring a hello that names another node id");
+    });
+    Ok(UnboundedReceiverStream::new(receiver))
+}
+
+/// One node's attach stream, as the fleet knows it.
+struct Connection {
+    fleet: Arc<Fleet>,
+    node_id: String,
+    epoch: u64,
+}
+
+impl Connection {
+    fn dispatch(&self, message: AttachRequest) {
+        let (fleet, node_id, epoch) = (&self.fleet, self.node_id.as_str(), self.epoch);
+        match message.kind {
+            // The hello is the first message only; a node states its full state again by
+            // reconnecting.
+            Some(attach_request::Kind::Hello(_)) => {
+                warn!(
+                    node_id,
+                    "Ignoring a hello in the middle of an attach stream"
+                )
+            }
+            Some(attach_request::Kind::Accepted(accepted)) => {
+                fleet.on_accepted(node_id, epoch, accepted)
+            }
+            Some(attach_request::Kind::Refused(refused)) => {
+                fleet.on_refused(node_id, epoch, refused)
+            }
+            Some(attach_request::Kind::Outcome(outcome)) => {
+                fleet.on_outcome(node_id, epoch, outcome)
+            }
+            None => warn!(node_id, "Ignoring an empty message from node"),
         }
-        Some(attach_request::Kind::Accepted(accepted)) => {
-            fleet.on_accepted(node_id, epoch, accepted)
-        }
-        Some(attach_request::Kind::Refused(refused)) => fleet.on_refused(node_id, epoch, refused),
-        Some(attach_request::Kind::Outcome(outcome)) => fleet.on_outcome(node_id, epoch, outcome),
-        None => warn!(node_id, "Ignoring an empty message from node"),
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.fleet.detach(&self.node_id, self.epoch);
     }
 }
 

@@ -109,15 +109,17 @@ mod tests {
     #[tokio::test]
     async fn front_wakes_up_when_a_message_arrives() {
         let outbox = std::sync::Arc::new(Outbox::default());
-        let waiter = tokio::spawn({
+        let mut waiter = tokio::task::JoinSet::new();
+        waiter.spawn({
             let outbox = outbox.clone();
             async move { outbox.front().await.message }
         });
         tokio::task::yield_now().await;
         outbox.push(WorkerMessage::rejected_at_capacity("t9"));
-        let message = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+        let message = tokio::time::timeout(std::time::Duration::from_secs(5), waiter.join_next())
             .await
             .expect("woken")
+            .unwrap()
             .unwrap();
         assert_eq!(message, WorkerMessage::rejected_at_capacity("t9"));
     }

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use futures::{SinkExt, StreamExt};
 use ozfleet_proto::oz::{self, ServerMessage};
 use ozfleet_proto::reconnect::Backoff;
+use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -51,26 +52,14 @@ impl Default for Keepalive {
     }
 }
 
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 pub struct UpstreamConfig {
     pub web_socket_url: String,
-    pub api_key: String,
+    pub api_key: SecretString,
     pub worker_id: String,
     pub keepalive: Keepalive,
     /// HTTP proxy settings (`HTTPS_PROXY`, `HTTP_PROXY`, `NO_PROXY`).
     pub proxy: ProxyEnv,
-}
-
-impl std::fmt::Debug for UpstreamConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("UpstreamConfig")
-            .field("web_socket_url", &self.web_socket_url)
-            .field("api_key", &"<redacted>")
-            .field("worker_id", &self.worker_id)
-            .field("keepalive", &self.keepalive)
-            .field("proxy", &self.proxy)
-            .finish()
-    }
 }
 
 /// The configured URL with `worker_id` set (replacing any existing value) and the query
@@ -117,8 +106,10 @@ pub async fn run(
         let stable = match outcome {
             Ok(socket) => {
                 info!("Connected to Oz as worker {}", config.worker_id);
+                fleet.set_upstream_connected(true);
                 let started = Instant::now();
                 let end = serve(socket, &config.keepalive, &outbox, &fleet, &shutdown).await;
+                fleet.set_upstream_connected(false);
                 match end {
                     ConnectionEnd::Shutdown => break,
                     ConnectionEnd::Lost(reason) => {
@@ -164,7 +155,7 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
         .as_str()
         .into_client_request()
         .map_err(|error| error.to_string())?;
-    let bearer = format!("Bearer {}", config.api_key)
+    let bearer = format!("Bearer {}", config.api_key.expose_secret())
         .parse()
         .map_err(|_| "the API key contains characters not allowed in an HTTP header".to_string())?;
     request
@@ -347,18 +338,20 @@ mod tests {
     async fn wss_dials_through_tls_and_reports_a_failed_handshake() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        // A peer that is not a TLS server: it answers the ClientHello with plain HTTP.
-        tokio::spawn(async move {
+        // A peer that is not a TLS server: it answers the ClientHello with plain HTTP and
+        // returns the first byte it read, checked below so the test fails without TLS.
+        let mut peer = tokio::task::JoinSet::new();
+        peer.spawn(async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let (mut stream, _) = listener.accept().await.unwrap();
+            let (mut stream, _) = listener.accept().await?;
             let mut hello = [0u8; 5];
-            stream.read_exact(&mut hello).await.unwrap();
-            assert_eq!(hello[0], 0x16, "a TLS handshake record");
+            stream.read_exact(&mut hello).await?;
             let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
+            std::io::Result::Ok(hello[0])
         });
         let config = UpstreamConfig {
             web_socket_url: format!("wss://{address}/ws"),
-            api_key: "k".into(),
+            api_key: SecretString::from("k"),
             worker_id: "w".into(),
             keepalive: Keepalive::default(),
             proxy: ProxyEnv::default(),
@@ -368,6 +361,11 @@ mod tests {
             panic!("the handshake with a non-TLS peer must fail");
         };
         assert!(!error.is_empty());
+        let first_byte = peer.join_next().await.unwrap().unwrap().unwrap();
+        assert_eq!(
+            first_byte, 0x16,
+            "the client opened with a TLS handshake record"
+        );
     }
 
     #[test]

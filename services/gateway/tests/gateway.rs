@@ -1,5 +1,9 @@
 //! End-to-end tests of the gateway: a fake Oz on one side, fake node agents on the other,
 //! `ozfleet_gateway::run` in between, everything on loopback.
+#![expect(
+    clippy::disallowed_methods,
+    reason = "test fakes (Oz, proxies, relays, the gateway under test) serve in tasks that end with the test's runtime"
+)]
 
 mod common;
 

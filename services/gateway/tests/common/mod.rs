@@ -340,6 +340,7 @@ pub fn test_timings() -> FleetTimings {
         offer_timeout: Duration::from_secs(10),
         node_lost_timeout: Duration::from_secs(10),
         node_keepalive: Duration::from_secs(20),
+        reattach_window: Duration::from_secs(60),
     }
 }
 

@@ -39,7 +39,7 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
     Ok(GatewayConfig {
         upstream: UpstreamConfig {
             web_socket_url: args.web_socket_url.clone(),
-            api_key: args.api_key.clone(),
+            api_key: args.api_key.clone().into(),
             worker_id: worker_id.clone(),
             keepalive: Keepalive::default(),
             proxy: ProxyEnv::from_process(),

@@ -1,0 +1,184 @@
+//! The task ledger: every task the gateway holds (offered or running, and where), the
+//! executions it is done with, relayed outcomes not yet written to Oz, and cancellations
+//! that arrived before their task was known. Bounded: the memories below forget their
+//! oldest entries past their limits.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use super::deadlines::DeadlineKey;
+use super::events::{TaskSnapshot, TaskState};
+
+/// How many finished executions are remembered, to drop duplicate outcomes (at-least-once
+/// delivery from nodes repeats one after a lost acknowledgement).
+pub const FINISHED_MEMORY: usize = 10_000;
+/// How many cancellations for unknown tasks are remembered.
+pub const EARLY_CANCELLATION_MEMORY: usize = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Offer number `offer` is out to the node.
+    Offered {
+        offer: u64,
+    },
+    Running,
+}
+
+pub struct Task {
+    pub execution_id: String,
+    /// The node holding the task; empty while it is being placed.
+    pub node_id: Option<Arc<str>>,
+    pub phase: Phase,
+    pub cancel_requested: bool,
+    /// The Oz assignment as received; `None` for tasks adopted from a node's hello after
+    /// a gateway restart (already placed, never re-placed).
+    pub assignment_json: Option<Arc<[u8]>>,
+    /// Nodes that refused this task or let its offer expire.
+    pub refused_by: HashSet<Arc<str>>,
+    pub offer_deadline: Option<DeadlineKey>,
+    pub since: SystemTime,
+}
+
+impl Task {
+    pub fn is_on(&self, node_id: &str, execution_id: &str) -> bool {
+        self.node_id.as_deref() == Some(node_id) && self.execution_id == execution_id
+    }
+}
+
+/// An execution the gateway is done with, and the node it was given to (if any).
+type ExecutionKey = (String, String);
+
+#[derive(Default)]
+pub struct TaskLedger {
+    pub tasks: HashMap<String, Task>,
+    finished: HashMap<ExecutionKey, Option<Arc<str>>>,
+    finished_order: VecDeque<ExecutionKey>,
+    /// Relayed outcomes still waiting in the outbox; acknowledged once written.
+    unsent_outcomes: HashSet<ExecutionKey>,
+    /// Cancellations Oz sent for tasks not (yet) known here, e.g. while nodes were still
+    /// reattaching after a gateway restart; applied when a node announces the task.
+    early_cancellations: HashSet<String>,
+    /// Offer numbers, also used as placement recency.
+    placements: u64,
+}
+
+impl TaskLedger {
+    pub fn next_offer(&mut self) -> u64 {
+        self.placements += 1;
+        self.placements
+    }
+
+    /// Remembers that the gateway is done with an execution, and which node had it.
+    pub fn remember_finished(
+        &mut self,
+        task_id: &str,
+        execution_id: &str,
+        node_id: Option<Arc<str>>,
+    ) {
+        let key = (task_id.to_owned(), execution_id.to_owned());
+        if self.finished.insert(key.clone(), node_id).is_none() {
+            self.finished_order.push_back(key);
+        }
+        while self.finished_order.len() > FINISHED_MEMORY {
+            if let Some(oldest) = self.finished_order.pop_front() {
+                self.finished.remove(&oldest);
+            }
+        }
+    }
+
+    pub fn is_finished(&self, task_id: &str, execution_id: &str) -> bool {
+        self.finished
+            .contains_key(&(task_id.to_owned(), execution_id.to_owned()))
+    }
+
+    /// Whether the execution, now finished, had been given to `node_id`.
+    pub fn was_given_to(&self, task_id: &str, execution_id: &str, node_id: &str) -> bool {
+        self.finished
+            .get(&(task_id.to_owned(), execution_id.to_owned()))
+            .is_some_and(|owner| owner.as_deref() == Some(node_id))
+    }
+
+    pub fn mark_unsent(&mut self, task_id: &str, execution_id: &str) {
+        self.unsent_outcomes
+            .insert((task_id.to_owned(), execution_id.to_owned()));
+    }
+
+    pub fn mark_sent(&mut self, task_id: &str, execution_id: &str) {
+        self.unsent_outcomes
+            .remove(&(task_id.to_owned(), execution_id.to_owned()));
+    }
+
+    pub fn is_unsent(&self, task_id: &str, execution_id: &str) -> bool {
+        self.unsent_outcomes
+            .contains(&(task_id.to_owned(), execution_id.to_owned()))
+    }
+
+    /// Remembers a cancellation for a task not known yet. False when the memory is full
+    /// (the cancellation is then dropped).
+    pub fn remember_early_cancellation(&mut self, task_id: &str) -> bool {
+        if self.early_cancellations.len() >= EARLY_CANCELLATION_MEMORY {
+            return false;
+        }
+        self.early_cancellations.insert(task_id.to_owned())
+    }
+
+    pub fn take_early_cancellation(&mut self, task_id: &str) -> bool {
+        self.early_cancellations.remove(task_id)
+    }
+
+    pub fn snapshot(&self, node_connected: impl Fn(&str) -> bool) -> Vec<TaskSnapshot> {
+        self.tasks
+            .iter()
+            .filter_map(|(task_id, task)| {
+                let node_id = task.node_id.clone()?;
+                let state = if !node_connected(&node_id) {
+                    TaskState::Lost
+                } else if task.phase == Phase::Running {
+                    TaskState::Running
+                } else {
+                    TaskState::Offered
+                };
+                Some(TaskSnapshot {
+                    task_id: task_id.clone(),
+                    execution_id: task.execution_id.clone(),
+                    node_id,
+                    state,
+                    since: task.since,
+                    cancel_requested: task.cancel_requested,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finished_memory_is_bounded_and_remembers_the_owner() {
+        let mut ledger = TaskLedger::default();
+        let node: Arc<str> = Arc::from("node-a");
+        ledger.remember_finished("t0", "e0", Some(node.clone()));
+        assert!(ledger.was_given_to("t0", "e0", "node-a"));
+        assert!(!ledger.was_given_to("t0", "e0", "node-b"));
+        for i in 1..=FINISHED_MEMORY {
+            ledger.remember_finished(&format!("t{i}"), "e", None);
+        }
+        assert!(!ledger.is_finished("t0", "e0"), "the oldest is forgotten");
+        assert!(ledger.is_finished(&format!("t{FINISHED_MEMORY}"), "e"));
+        assert_eq!(ledger.finished.len(), FINISHED_MEMORY);
+    }
+
+    #[test]
+    fn early_cancellations_are_bounded() {
+        let mut ledger = TaskLedger::default();
+        for i in 0..EARLY_CANCELLATION_MEMORY {
+            assert!(ledger.remember_early_cancellation(&format!("t{i}")));
+        }
+        assert!(!ledger.remember_early_cancellation("one-too-many"));
+        assert!(ledger.take_early_cancellation("t0"));
+        assert!(!ledger.take_early_cancellation("t0"));
+    }
+}

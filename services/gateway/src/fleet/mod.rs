@@ -1,0 +1,974 @@
+//! The gateway's fleet: a state machine over the node registry, the task ledger and the
+//! placement index, driven by messages from Oz and from nodes and by one deadline loop.
+//!
+//! Every entry point takes the state lock, applies one transition and queues its effects
+//! (messages to Oz through the outbox, messages to nodes through their stream senders,
+//! [`FleetEvent`]s to subscribers); no lock is held across an await. Time is tokio's
+//! clock, so tests drive offers, grace periods and expiries with paused time and no
+//! sockets.
+//!
+//! Where each job lives:
+//! - [`registry`]: attached nodes, connection epochs, identity;
+//! - [`placement`]: which node gets a task (ordered index, least-loaded spread);
+//! - [`ledger`]: tasks offered and running, finished executions, unsent outcomes, early
+//!   cancellations;
+//! - [`reconcile`]: what a node's hello (its full state) means for the ledger;
+//! - [`deadlines`]: every timer, in one queue;
+//! - [`oz_mapping`]: node outcomes → Oz messages;
+//! - [`events`]: the event stream and snapshots observers read.
+//!
+//! Trust rule: a node's word counts only for executions it was given. An outcome is
+//! relayed only for an execution this gateway placed on that node, or that the node
+//! announced as running in a hello within the reattach window after the gateway started
+//! (the tasks nodes keep across a gateway restart). Anything else is logged (ids only)
+//! and dropped, so holding the join token is not enough to settle other runs.
+
+mod deadlines;
+pub mod events;
+mod ledger;
+mod oz_mapping;
+pub mod placement;
+mod reconcile;
+mod registry;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use ozfleet_proto::oz::{TaskAssignment as OzAssignment, WorkerMessage};
+use ozfleet_proto::v1::{
+    self, AssignmentAccepted, AssignmentRefused, NodeHello, TaskOutcome, UpstreamSettings,
+    attach_response,
+};
+use tokio::sync::{Notify, broadcast};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::GatewayError;
+use crate::outbox::{Outbox, Queued, Receipt};
+use deadlines::{Deadline, Deadlines};
+pub use events::{
+    EVENT_BUFFER, FleetEvent, FleetSnapshot, NodeSnapshot, NodeState, RejectReason, TaskResult,
+    TaskSnapshot, TaskState,
+};
+use ledger::{Phase, Task, TaskLedger};
+use placement::PlacementIndex;
+pub use registry::NodeSender;
+use registry::{NodeRegistry, Registered};
+
+/// Offers a connected node may leave unanswered in a row before the gateway drops its
+/// connection: a stuck agent whose transport still answers pings would otherwise look
+/// idle and attract every new task.
+const MAX_UNANSWERED_OFFERS: u32 = 3;
+/// How long a cancellation for an unknown task is remembered.
+const EARLY_CANCELLATION_TTL: Duration = Duration::from_secs(600);
+
+#[derive(Debug, Clone)]
+pub struct FleetTimings {
+    /// An offer not answered within this time is taken back and placed elsewhere.
+    pub offer_timeout: Duration,
+    /// A node gone this long has its running tasks reported failed upstream.
+    pub node_lost_timeout: Duration,
+    /// HTTP/2 ping interval on node connections; a node that does not answer within the
+    /// same time is taken as gone. Without it, a node host that dies silently (power
+    /// loss, a firewall dropping the flow) would look connected forever.
+    pub node_keepalive: Duration,
+    /// After the gateway starts, how long nodes may announce running tasks it does not
+    /// know (tasks they kept across a gateway restart) and have them adopted. Later, such
+    /// a claim is refused: the node is told to stop the task.
+    pub reattach_window: Duration,
+}
+
+impl Default for FleetTimings {
+    fn default() -> Self {
+        Self {
+            offer_timeout: Duration::from_secs(10),
+            node_lost_timeout: Duration::from_secs(60),
+            node_keepalive: Duration::from_secs(20),
+            reattach_window: Duration::from_secs(60),
+        }
+    }
+}
+
+pub struct Fleet {
+    state: Mutex<FleetState>,
+    /// Wakes the deadline loop when a deadline may have been scheduled before the one it
+    /// sleeps for.
+    deadline_scheduled: Notify,
+    events: broadcast::Sender<FleetEvent>,
+}
+
+struct FleetState {
+    registry: NodeRegistry,
+    ledger: TaskLedger,
+    placement: PlacementIndex,
+    deadlines: Deadlines,
+    upstream_connected: bool,
+    /// End of the window in which unknown running tasks announced by nodes are adopted.
+    adopt_until: Instant,
+    /// Set when a transition scheduled a deadline, so the loop re-reads the queue.
+    deadline_added: bool,
+    outbox: Arc<Outbox>,
+    events: broadcast::Sender<FleetEvent>,
+    settings: UpstreamSettings,
+    timings: FleetTimings,
+}
+
+impl Fleet {
+    pub fn new(
+        outbox: Arc<Outbox>,
+        settings: UpstreamSettings,
+        timings: FleetTimings,
+    ) -> Arc<Self> {
+        let (events, _) = broadcast::channel(EVENT_BUFFER);
+        Arc::new(Self {
+            state: Mutex::new(FleetState {
+                registry: NodeRegistry::default(),
+                ledger: TaskLedger::default(),
+                placement: PlacementIndex::default(),
+                deadlines: Deadlines::default(),
+                upstream_connected: false,
+                adopt_until: Instant::now() + timings.reattach_window,
+                deadline_added: false,
+                outbox,
+                events: events.clone(),
+                settings,
+                timings,
+            }),
+            deadline_scheduled: Notify::new(),
+            events,
+        })
+    }
+
+    /// The state, even after a panic interrupted an earlier update: each transition
+    /// leaves the state consistent between its steps, and one bad message must not take
+    /// the gateway (and every task it relays) down.
+    fn lock(&self) -> MutexGuard<'_, FleetState> {
+        self.state.lock().unwrap_or_else(|poisoned| {
+            error!("A panic interrupted an update of the fleet state; carrying on");
+            self.state.clear_poison();
+            poisoned.into_inner()
+        })
+    }
+
+    /// Applies one transition, then wakes the deadline loop if it scheduled a deadline.
+    fn apply<R>(&self, transition: impl FnOnce(&mut FleetState) -> R) -> R {
+        let mut state = self.lock();
+        let result = transition(&mut state);
+        let wake = std::mem::take(&mut state.deadline_added);
+        drop(state);
+        if wake {
+            self.deadline_scheduled.notify_one();
+        }
+        result
+    }
+
+    /// Events from now on. A subscriber that falls more than [`EVENT_BUFFER`] events
+    /// behind misses some and is told so (`Lagged`).
+    pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
+        self.events.subscribe()
+    }
+
+    /// Nodes (attached, or away within the grace) and the tasks they hold.
+    pub fn snapshot(&self) -> FleetSnapshot {
+        let state = self.lock();
+        let mut nodes: Vec<NodeSnapshot> = state
+            .registry
+            .values()
+            .map(|node| node.snapshot())
+            .collect();
+        nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        let mut tasks = state.ledger.snapshot(|node_id| {
+            state
+                .registry
+                .get(node_id)
+                .is_some_and(|node| node.is_connected())
+        });
+        tasks.sort_by(|a, b| a.task_id.cmp(&b.task_id));
+        FleetSnapshot {
+            upstream_connected: state.upstream_connected,
+            nodes,
+            tasks,
+        }
+    }
+
+    // ---- Oz → gateway -------------------------------------------------------------
+
+    pub fn set_upstream_connected(&self, connected: bool) {
+        self.apply(|state| {
+            if state.upstream_connected != connected {
+                state.upstream_connected = connected;
+                state.emit(if connected {
+                    FleetEvent::UpstreamConnected
+                } else {
+                    FleetEvent::UpstreamDisconnected
+                });
+            }
+        });
+    }
+
+    pub fn on_assignment(&self, assignment: &OzAssignment, raw_json: &[u8]) {
+        self.apply(|state| state.on_assignment(assignment, raw_json));
+    }
+
+    pub fn on_cancellation(&self, task_id: &str) {
+        self.apply(|state| state.on_cancellation(task_id));
+    }
+
+    /// Called once `queued` has been written to Oz: acknowledges the outcome it relays.
+    pub fn relayed(&self, queued: &Queued) {
+        if let Some(receipt) = &queued.receipt {
+            self.apply(|state| state.relayed(receipt));
+        }
+    }
+
+    // ---- nodes → gateway ----------------------------------------------------------
+
+    /// Registers a (re)connected node and reconciles against the full state it announced.
+    /// Returns the connection's epoch.
+    pub fn attach(&self, hello: &NodeHello, stream: NodeSender) -> Result<u64, GatewayError> {
+        self.apply(|state| state.attach(hello, stream))
+    }
+
+    pub fn on_accepted(&self, node_id: &str, epoch: u64, accepted: AssignmentAccepted) {
+        self.apply(|state| {
+            if state.is_current(node_id, epoch) {
+                state.on_accepted(node_id, accepted);
+            }
+        });
+    }
+
+    pub fn on_refused(&self, node_id: &str, epoch: u64, refused: AssignmentRefused) {
+        self.apply(|state| {
+            if state.is_current(node_id, epoch) {
+                state.on_refused(node_id, refused);
+            }
+        });
+    }
+
+    pub fn on_outcome(&self, node_id: &str, epoch: u64, outcome: TaskOutcome) {
+        self.apply(|state| {
+            if state.is_current(node_id, epoch) {
+                state.settle(node_id, outcome);
+            }
+        });
+    }
+
+    /// The node's connection `epoch` ended. Its running tasks wait for it to return (up to
+    /// the node-lost timeout); offers it had not answered stay with it until their offer
+    /// timeout, since it may have accepted them just before the connection broke: placing
+    /// them elsewhere at once could run a task twice.
+    pub fn detach(&self, node_id: &str, epoch: u64) {
+        self.apply(|state| state.detach(node_id, epoch));
+    }
+
+    // ---- operators ----------------------------------------------------------------
+
+    /// Drains (no new tasks; running ones finish) or undrains a node. The drain is kept
+    /// while the node is away and applies again when it reattaches.
+    pub fn set_draining(&self, node_id: &str, draining: bool) -> Result<(), GatewayError> {
+        self.apply(|state| {
+            let Some(node) = state.registry.get_mut(node_id) else {
+                return Err(GatewayError::UnknownNode(node_id.to_owned()));
+            };
+            if node.draining != draining {
+                node.draining = draining;
+                let node_id = node.node_id.clone();
+                info!(%node_id, draining, "Node drain changed");
+                state.refresh_placement(&node_id);
+                state.emit(FleetEvent::NodeDraining { node_id, draining });
+            }
+            Ok(())
+        })
+    }
+
+    /// Closes every node stream (gateway shutdown); nodes keep their tasks and reconnect.
+    pub fn close_node_streams(&self) {
+        self.apply(|state| {
+            for node in state.registry.values_mut() {
+                node.stream = None;
+            }
+            state.placement = PlacementIndex::default();
+        });
+    }
+
+    // ---- time -----------------------------------------------------------------------
+
+    /// Fires every deadline as it comes due, until `shutdown`. The fleet's only timer.
+    pub async fn run_deadlines(&self, shutdown: CancellationToken) {
+        loop {
+            let next = self.lock().deadlines.next();
+            let sleep = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                () = sleep => {}
+                () = self.deadline_scheduled.notified() => {}
+                () = shutdown.cancelled() => return,
+            }
+            self.fire_due(Instant::now());
+        }
+    }
+
+    /// Applies every deadline due at `now`.
+    fn fire_due(&self, now: Instant) {
+        self.apply(|state| {
+            while let Some(deadline) = state.deadlines.pop_due(now) {
+                match deadline {
+                    Deadline::OfferExpires { task_id, offer } => {
+                        state.offer_expired(&task_id, offer)
+                    }
+                    Deadline::NodeLost { node_id, epoch } => state.node_lost(&node_id, epoch),
+                    Deadline::EarlyCancellationExpires { task_id } => {
+                        state.ledger.take_early_cancellation(&task_id);
+                    }
+                }
+            }
+        });
+    }
+}
+
+impl FleetState {
+    fn emit(&self, event: FleetEvent) {
+        // No subscriber is fine: events are for whoever listens.
+        let _ = self.events.send(event);
+    }
+
+    fn schedule(&mut self, after: Duration, deadline: Deadline) -> deadlines::DeadlineKey {
+        self.deadline_added = true;
+        self.deadlines.schedule(Instant::now() + after, deadline)
+    }
+
+    fn is_current(&self, node_id: &str, epoch: u64) -> bool {
+        let current = self.registry.is_current(node_id, epoch);
+        if !current {
+            debug!(node_id, epoch, "Dropping a message from a stale connection");
+        }
+        current
+    }
+
+    /// Puts the node in the placement index with its current load, or takes it out.
+    fn refresh_placement(&mut self, node_id: &str) {
+        match self.registry.get(node_id) {
+            Some(node) if node.is_eligible() => {
+                self.placement
+                    .update(&node.node_id, node.seq, node.standing())
+            }
+            _ => self.placement.remove(node_id),
+        }
+    }
+
+    fn send_to(&self, node_id: &str, message: attach_response::Kind) {
+        if let Some(node) = self.registry.get(node_id) {
+            node.send(message);
+        }
+    }
+
+    fn cancel_on(&self, node_id: &str, task_id: &str, execution_id: &str) {
+        self.send_to(
+            node_id,
+            attach_response::Kind::Cancellation(v1::TaskCancellation {
+                task_id: task_id.to_owned(),
+                execution_id: execution_id.to_owned(),
+            }),
+        );
+    }
+
+    fn claim(&self, task_id: &str, execution_id: &str, node_id: &Arc<str>) {
+        self.outbox
+            .push(WorkerMessage::claimed(task_id, &self.settings.worker_id));
+        self.emit(FleetEvent::TaskClaimed {
+            task_id: task_id.to_owned(),
+            execution_id: execution_id.to_owned(),
+            node_id: node_id.clone(),
+        });
+    }
+
+    fn on_assignment(&mut self, assignment: &OzAssignment, raw_json: &[u8]) {
+        let task_id = assignment.task_id.as_str();
+        if let Some(existing) = self.ledger.tasks.get(task_id) {
+            match (existing.phase, &existing.node_id) {
+                (Phase::Running, Some(node_id)) => {
+                    // Oz offers again what it has not seen claimed (the claim may have
+                    // been lost with a connection). The execution that runs carries on;
+                    // claiming again tells Oz where the task is.
+                    info!(
+                        task_id,
+                        execution_id = assignment.execution_id,
+                        running_execution_id = existing.execution_id,
+                        "Assignment for a task already running here; claiming it again"
+                    );
+                    let (execution_id, node_id) = (existing.execution_id.clone(), node_id.clone());
+                    self.claim(task_id, &execution_id, &node_id);
+                }
+                _ => warn!(
+                    task_id,
+                    execution_id = assignment.execution_id,
+                    "Ignoring an assignment for a task that is being placed"
+                ),
+            }
+            return;
+        }
+        info!(
+            task_id,
+            title = assignment.task.title,
+            "Task assigned by Oz"
+        );
+        self.ledger.tasks.insert(
+            task_id.to_owned(),
+            Task {
+                execution_id: assignment.execution_id.clone(),
+                node_id: None,
+                phase: Phase::Offered { offer: 0 },
+                cancel_requested: false,
+                assignment_json: Some(Arc::from(raw_json)),
+                refused_by: HashSet::new(),
+                offer_deadline: None,
+                since: SystemTime::now(),
+            },
+        );
+        self.place(task_id);
+    }
+
+    fn on_cancellation(&mut self, task_id: &str) {
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            if self.ledger.remember_early_cancellation(task_id) {
+                warn!(
+                    task_id,
+                    "Cancellation for a task not known here; applying it if a node announces the task"
+                );
+                self.schedule(
+                    EARLY_CANCELLATION_TTL,
+                    Deadline::EarlyCancellationExpires {
+                        task_id: task_id.to_owned(),
+                    },
+                );
+            } else {
+                warn!(
+                    task_id,
+                    "Cancellation for an unknown task dropped: too many pending"
+                );
+            }
+            return;
+        };
+        task.cancel_requested = true;
+        let node_id = task.node_id.clone();
+        let execution_id = task.execution_id.clone();
+        info!(
+            task_id,
+            node_id = node_id.as_deref(),
+            "Cancellation requested by Oz"
+        );
+        self.emit(FleetEvent::TaskCancelRequested {
+            task_id: task_id.to_owned(),
+        });
+        // A disconnected node gets it again from reconciliation when it returns.
+        if let Some(node_id) = node_id {
+            self.cancel_on(&node_id, task_id, &execution_id);
+        }
+    }
+
+    /// Offers the task to the best node, or rejects it upstream if no node can take it.
+    fn place(&mut self, task_id: &str) {
+        loop {
+            let Some(task) = self.ledger.tasks.get(task_id) else {
+                return;
+            };
+            let picked = self
+                .placement
+                .pick(|node_id| !task.refused_by.contains(node_id));
+            let Some(node_id) = picked else {
+                self.reject(task_id);
+                return;
+            };
+            if self
+                .registry
+                .get(&node_id)
+                .is_none_or(|node| !node.is_eligible())
+            {
+                error!(%node_id, "Placement index held a node that cannot take tasks; repairing");
+                self.placement.remove(&node_id);
+                continue;
+            }
+            self.offer(task_id, node_id);
+            return;
+        }
+    }
+
+    fn reject(&mut self, task_id: &str) {
+        let Some(task) = self.ledger.tasks.remove(task_id) else {
+            return;
+        };
+        self.ledger
+            .remember_finished(task_id, &task.execution_id, None);
+        info!(task_id, "No node can take the task; rejecting it");
+        self.outbox
+            .push(WorkerMessage::rejected_at_capacity(task_id));
+        self.emit(FleetEvent::TaskRejected {
+            task_id: task_id.to_owned(),
+            execution_id: task.execution_id,
+            reason: RejectReason::NoCapacity,
+        });
+    }
+
+    fn offer(&mut self, task_id: &str, node_id: Arc<str>) {
+        let offer = self.ledger.next_offer();
+        let deadline = self.schedule(
+            self.timings.offer_timeout,
+            Deadline::OfferExpires {
+                task_id: task_id.to_owned(),
+                offer,
+            },
+        );
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            return;
+        };
+        task.node_id = Some(node_id.clone());
+        task.phase = Phase::Offered { offer };
+        task.offer_deadline = Some(deadline);
+        task.since = SystemTime::now();
+        let message = attach_response::Kind::Assignment(v1::TaskAssignment {
+            task_id: task_id.to_owned(),
+            execution_id: task.execution_id.clone(),
+            oz_assignment_json: task
+                .assignment_json
+                .as_deref()
+                .map(<[u8]>::to_vec)
+                .unwrap_or_default(),
+            settings: Some(self.settings.clone()),
+        });
+        let execution_id = task.execution_id.clone();
+        if let Some(node) = self.registry.get_mut(&node_id) {
+            node.tasks.insert(task_id.to_owned());
+            node.last_placed = offer;
+            info!(task_id, %node_id, node_name = node.name, "Offering task to node");
+            node.send(message);
+        }
+        self.refresh_placement(&node_id);
+        self.emit(FleetEvent::TaskOffered {
+            task_id: task_id.to_owned(),
+            execution_id,
+            node_id,
+        });
+    }
+
+    fn offer_expired(&mut self, task_id: &str, offer: u64) {
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            return;
+        };
+        if task.phase != (Phase::Offered { offer }) {
+            return;
+        }
+        task.offer_deadline = None;
+        let Some(node_id) = task.node_id.clone() else {
+            return;
+        };
+        warn!(task_id, %node_id, "Node did not answer the offer in time; placing elsewhere");
+        self.emit(FleetEvent::TaskRefused {
+            task_id: task_id.to_owned(),
+            node_id: node_id.clone(),
+            expired: true,
+        });
+        self.take_back(task_id, true);
+        let Some(node) = self.registry.get_mut(&node_id) else {
+            return;
+        };
+        node.unanswered_offers += 1;
+        if node.unanswered_offers >= MAX_UNANSWERED_OFFERS && node.is_connected() {
+            warn!(
+                %node_id,
+                "Node left {MAX_UNANSWERED_OFFERS} offers in a row unanswered; dropping its connection"
+            );
+            // Dropping the stream sender ends the node's response stream, so an agent
+            // that is merely slow reconnects with a fresh full state.
+            let epoch = node.epoch;
+            self.detach(&node_id, epoch);
+        }
+    }
+
+    /// Withdraws an unclaimed offer from its node and places the task again (elsewhere
+    /// when `exclude_node`).
+    fn take_back(&mut self, task_id: &str, exclude_node: bool) {
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            return;
+        };
+        let node_id = task.node_id.take();
+        if let Some(key) = task.offer_deadline.take() {
+            self.deadlines.withdraw(key);
+        }
+        if exclude_node && let Some(node_id) = &node_id {
+            task.refused_by.insert(node_id.clone());
+        }
+        let cancelled = task.cancel_requested;
+        if let Some(node_id) = node_id {
+            if let Some(node) = self.registry.get_mut(&node_id) {
+                node.tasks.remove(task_id);
+            }
+            self.refresh_placement(&node_id);
+        }
+        if cancelled {
+            // Oz cancelled it before any node claimed it: nothing is left to run or report.
+            info!(task_id, "Dropping a task cancelled before it was claimed");
+            if let Some(task) = self.ledger.tasks.remove(task_id) {
+                self.ledger
+                    .remember_finished(task_id, &task.execution_id, None);
+                self.emit(FleetEvent::TaskDropped {
+                    task_id: task_id.to_owned(),
+                    execution_id: task.execution_id,
+                });
+            }
+            return;
+        }
+        self.place(task_id);
+    }
+
+    fn attach(&mut self, hello: &NodeHello, stream: NodeSender) -> Result<u64, GatewayError> {
+        if self.registry.is_held_by_another_process(hello) {
+            warn!(
+                node_id = hello.node_id,
+                "Refusing a second agent process with the same node id"
+            );
+            self.emit(FleetEvent::NodeRefused {
+                node_id: Arc::from(hello.node_id.as_str()),
+            });
+            return Err(GatewayError::DuplicateNode(hello.node_id.clone()));
+        }
+        let (node_id, epoch, registered) = self.registry.register(hello, stream, SystemTime::now());
+        let Some(node) = self.registry.get_mut(&node_id) else {
+            return Err(GatewayError::InvalidNode(format!(
+                "node {node_id} vanished while attaching"
+            )));
+        };
+        node.send(attach_response::Kind::Welcome(v1::Welcome {
+            epoch,
+            worker_id: self.settings.worker_id.clone(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }));
+        if let Some(key) = node.lost_deadline.take() {
+            self.deadlines.withdraw(key);
+        }
+        let reattached = matches!(registered, Registered::Reattached { .. });
+        if let Registered::Reattached {
+            previous_stream_open: true,
+        } = registered
+        {
+            info!(%node_id, epoch, "Node reconnected; fencing its previous connection");
+        }
+        info!(
+            %node_id,
+            node_name = hello.node_name,
+            epoch,
+            backend = hello.backend().as_str_name(),
+            max_concurrent_tasks = hello.max_concurrent_tasks,
+            running = hello.running_tasks.len(),
+            version = hello.version,
+            "Node attached"
+        );
+        self.emit(FleetEvent::NodeAttached {
+            node_id: node_id.clone(),
+            epoch,
+            reattached,
+        });
+        self.reconcile(&node_id, hello);
+        self.refresh_placement(&node_id);
+        Ok(epoch)
+    }
+
+    fn detach(&mut self, node_id: &str, epoch: u64) {
+        let Some(node) = self.registry.get_mut(node_id) else {
+            return;
+        };
+        if node.epoch != epoch || !node.is_connected() {
+            return;
+        }
+        node.stream = None;
+        let node_id = node.node_id.clone();
+        info!(%node_id, epoch, tasks = node.tasks.len(), "Node disconnected");
+        let deadline = self.schedule(
+            self.timings.node_lost_timeout,
+            Deadline::NodeLost {
+                node_id: node_id.clone(),
+                epoch,
+            },
+        );
+        if let Some(node) = self.registry.get_mut(&node_id) {
+            node.lost_deadline = Some(deadline);
+        }
+        self.placement.remove(&node_id);
+        self.emit(FleetEvent::NodeDetached { node_id, epoch });
+    }
+
+    /// After the node-lost timeout, a node still gone has its tasks reported lost and is
+    /// dropped from the registry (nodes without a persistent identity would otherwise pile
+    /// up).
+    fn node_lost(&mut self, node_id: &str, epoch: u64) {
+        let still_gone = self
+            .registry
+            .get(node_id)
+            .is_some_and(|node| node.epoch == epoch && !node.is_connected());
+        if !still_gone {
+            return;
+        }
+        let tasks: Vec<String> = self
+            .registry
+            .get(node_id)
+            .map(|node| node.tasks.iter().cloned().collect())
+            .unwrap_or_default();
+        let timeout = self.timings.node_lost_timeout;
+        for task_id in tasks {
+            let offered = self
+                .ledger
+                .tasks
+                .get(&task_id)
+                .is_some_and(|task| matches!(task.phase, Phase::Offered { .. }));
+            if offered {
+                self.take_back(&task_id, true);
+            } else {
+                self.lose_task(
+                    &task_id,
+                    &format!("node {node_id} has been unreachable for {timeout:?}"),
+                );
+            }
+        }
+        if let Some(node) = self.registry.remove(node_id) {
+            self.placement.remove(node_id);
+            info!(node_id, "Forgot a node that did not come back");
+            self.emit(FleetEvent::NodeForgotten {
+                node_id: node.node_id,
+            });
+        }
+    }
+
+    /// Reports a running task as failed upstream because its node lost it.
+    fn lose_task(&mut self, task_id: &str, why: &str) {
+        let Some(task) = self.ledger.tasks.remove(task_id) else {
+            return;
+        };
+        if let Some(key) = task.offer_deadline {
+            self.deadlines.withdraw(key);
+        }
+        let node_id = task.node_id.clone().unwrap_or_else(|| Arc::from(""));
+        if let Some(node) = self.registry.get_mut(&node_id) {
+            node.tasks.remove(task_id);
+        }
+        self.refresh_placement(&node_id);
+        warn!(task_id, %node_id, "Task lost: {why}");
+        self.ledger
+            .remember_finished(task_id, &task.execution_id, task.node_id.clone());
+        let message = oz_mapping::lost_message(task_id, why);
+        self.emit(FleetEvent::TaskFinished {
+            task_id: task_id.to_owned(),
+            execution_id: task.execution_id,
+            node_id,
+            result: oz_mapping::result_of(&message),
+            lost: true,
+        });
+        self.outbox.push(message);
+    }
+
+    fn on_accepted(&mut self, node_id: &str, accepted: AssignmentAccepted) {
+        if let Some(node) = self.registry.get_mut(node_id) {
+            node.unanswered_offers = 0;
+        }
+        let phase = self
+            .ledger
+            .tasks
+            .get(&accepted.task_id)
+            .filter(|task| task.is_on(node_id, &accepted.execution_id))
+            .map(|task| task.phase);
+        match phase {
+            Some(Phase::Offered { .. }) => self.accepted(&accepted.task_id),
+            Some(Phase::Running) => {}
+            None => {
+                // The offer was withdrawn (timed out, or the task moved on): the node must
+                // not run it alongside wherever it runs now.
+                warn!(
+                    task_id = accepted.task_id,
+                    node_id, "Node accepted a withdrawn offer; telling it to stop"
+                );
+                self.cancel_on(node_id, &accepted.task_id, &accepted.execution_id);
+            }
+        }
+    }
+
+    /// The node runs the offered task: claim it upstream.
+    fn accepted(&mut self, task_id: &str) {
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            return;
+        };
+        task.phase = Phase::Running;
+        task.since = SystemTime::now();
+        if let Some(key) = task.offer_deadline.take() {
+            self.deadlines.withdraw(key);
+        }
+        let execution_id = task.execution_id.clone();
+        let Some(node_id) = task.node_id.clone() else {
+            return;
+        };
+        info!(task_id, %node_id, "Node accepted the task; claiming it");
+        self.claim(task_id, &execution_id, &node_id);
+        self.emit(FleetEvent::TaskStarted {
+            task_id: task_id.to_owned(),
+            execution_id,
+            node_id,
+            adopted: false,
+        });
+    }
+
+    fn on_refused(&mut self, node_id: &str, refused: AssignmentRefused) {
+        if let Some(node) = self.registry.get_mut(node_id) {
+            node.unanswered_offers = 0;
+        }
+        let offered_here = self.ledger.tasks.get(&refused.task_id).is_some_and(|task| {
+            task.is_on(node_id, &refused.execution_id)
+                && matches!(task.phase, Phase::Offered { .. })
+        });
+        if !offered_here {
+            debug!(
+                task_id = refused.task_id,
+                node_id, "Refusal for an offer already withdrawn"
+            );
+            return;
+        }
+        info!(
+            task_id = refused.task_id,
+            node_id,
+            reason = refused.reason,
+            "Node refused the task"
+        );
+        if let Some(node) = self.registry.get(node_id) {
+            self.emit(FleetEvent::TaskRefused {
+                task_id: refused.task_id.clone(),
+                node_id: node.node_id.clone(),
+                expired: false,
+            });
+        }
+        self.take_back(&refused.task_id, true);
+    }
+
+    /// Relays a terminal outcome upstream at most once per execution, and only from the
+    /// node the execution was given to (see the trust rule in the module docs). The node
+    /// gets its acknowledgement once the message has been written to the Oz connection
+    /// ([`Fleet::relayed`]), so it keeps the outcome while it is only queued here.
+    fn settle(&mut self, node_id: &str, outcome: TaskOutcome) {
+        let task_id = outcome.task_id.as_str();
+        let execution_id = outcome.execution_id.as_str();
+        let holds_it = self
+            .ledger
+            .tasks
+            .get(task_id)
+            .map(|task| (task.is_on(node_id, execution_id), task.phase));
+        match holds_it {
+            Some((true, phase)) => self.relay(node_id, phase, &outcome),
+            Some((false, _)) => {
+                warn!(
+                    task_id,
+                    node_id, "Fenced an outcome from a node that does not hold the task"
+                );
+                self.fence(node_id, task_id, execution_id);
+            }
+            None if self.ledger.was_given_to(task_id, execution_id, node_id) => {
+                // Already relayed (a repeat after a lost acknowledgement).
+                self.acknowledge(node_id, task_id, execution_id);
+            }
+            None => {
+                warn!(
+                    task_id,
+                    node_id, "Dropping an outcome for an execution this node was not given"
+                );
+                self.fence(node_id, task_id, execution_id);
+            }
+        }
+    }
+
+    fn relay(&mut self, node_id: &str, phase: Phase, outcome: &TaskOutcome) {
+        let task_id = outcome.task_id.as_str();
+        let Some(task) = self.ledger.tasks.remove(task_id) else {
+            return;
+        };
+        let Some(owner) = task.node_id.clone() else {
+            return;
+        };
+        if let Some(key) = task.offer_deadline {
+            self.deadlines.withdraw(key);
+        }
+        if matches!(phase, Phase::Offered { .. }) {
+            // The acceptance was lost with a connection; Oz needs the claim first.
+            self.claim(task_id, &task.execution_id, &owner);
+        }
+        if let Some(node) = self.registry.get_mut(node_id) {
+            node.tasks.remove(task_id);
+        }
+        self.refresh_placement(node_id);
+        let message = oz_mapping::upstream_message(outcome);
+        info!(
+            task_id,
+            node_id,
+            outcome = message.message_type(),
+            "Task finished"
+        );
+        self.ledger
+            .remember_finished(task_id, &task.execution_id, Some(owner.clone()));
+        self.ledger.mark_unsent(task_id, &task.execution_id);
+        self.emit(FleetEvent::TaskFinished {
+            task_id: task_id.to_owned(),
+            execution_id: task.execution_id.clone(),
+            node_id: owner,
+            result: oz_mapping::result_of(&message),
+            lost: false,
+        });
+        let receipt = Receipt {
+            node_id: node_id.to_owned(),
+            task_id: task_id.to_owned(),
+            execution_id: task.execution_id,
+        };
+        self.outbox.push_with_receipt(message, Some(receipt));
+    }
+
+    /// Drops an outcome the node may not report. It is still acknowledged, so the node
+    /// stops repeating it.
+    fn fence(&mut self, node_id: &str, task_id: &str, execution_id: &str) {
+        if let Some(node) = self.registry.get(node_id) {
+            self.emit(FleetEvent::OutcomeFenced {
+                task_id: task_id.to_owned(),
+                node_id: node.node_id.clone(),
+            });
+        }
+        self.acknowledge(node_id, task_id, execution_id);
+    }
+
+    /// Acknowledges an outcome, unless its relay still waits to be written (the
+    /// acknowledgement then follows the write).
+    fn acknowledge(&self, node_id: &str, task_id: &str, execution_id: &str) {
+        if !self.ledger.is_unsent(task_id, execution_id) {
+            self.send_to(node_id, outcome_ack(task_id, execution_id));
+        }
+    }
+
+    fn relayed(&mut self, receipt: &Receipt) {
+        self.ledger
+            .mark_sent(&receipt.task_id, &receipt.execution_id);
+        // A disconnected node re-announces the outcome and is acknowledged then.
+        self.send_to(
+            &receipt.node_id,
+            outcome_ack(&receipt.task_id, &receipt.execution_id),
+        );
+        self.emit(FleetEvent::OutcomeRelayed {
+            task_id: receipt.task_id.clone(),
+            execution_id: receipt.execution_id.clone(),
+        });
+    }
+}
+
+fn outcome_ack(task_id: &str, execution_id: &str) -> attach_response::Kind {
+    attach_response::Kind::OutcomeAck(v1::OutcomeAck {
+        task_id: task_id.to_owned(),
+        execution_id: execution_id.to_owned(),
+    })
+}

@@ -1,0 +1,893 @@
+//! The fleet state machine without sockets: messages go in as calls, Oz's side is read
+//! from the outbox, each node's side from its stream receiver, and time is tokio's paused
+//! clock driving the real deadline loop.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::FutureExt;
+use ozfleet_proto::oz::{self, FailureReason, ServerMessage, WorkerMessage};
+use ozfleet_proto::v1::{
+    self, AttachResponse, NodeHello, TaskOutcome, TaskRef, UpstreamSettings, attach_response,
+    task_outcome,
+};
+use tokio::sync::broadcast::error::TryRecvError;
+use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+
+use super::*;
+use crate::outbox::Outbox;
+
+const WORKER_ID: &str = "fleet-test";
+
+fn timings() -> FleetTimings {
+    FleetTimings {
+        offer_timeout: Duration::from_secs(10),
+        node_lost_timeout: Duration::from_secs(60),
+        node_keepalive: Duration::from_secs(20),
+        reattach_window: Duration::from_secs(60),
+    }
+}
+
+struct Harness {
+    fleet: Arc<Fleet>,
+    outbox: Arc<Outbox>,
+    events: broadcast::Receiver<FleetEvent>,
+    stop: CancellationToken,
+    _deadline_loop: JoinSet<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+struct TestNode {
+    id: String,
+    epoch: u64,
+    inbox: UnboundedReceiver<Result<AttachResponse, Status>>,
+}
+
+fn hello(node_id: &str) -> NodeHello {
+    NodeHello {
+        node_id: node_id.into(),
+        node_name: format!("{node_id}-host"),
+        backend: v1::BackendKind::Direct.into(),
+        max_concurrent_tasks: 0,
+        instance_id: format!("{node_id}-instance"),
+        version: "test".into(),
+        ..Default::default()
+    }
+}
+
+fn running(task_id: &str, execution_id: &str) -> TaskRef {
+    TaskRef {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+    }
+}
+
+fn succeeded(task_id: &str, execution_id: &str) -> TaskOutcome {
+    TaskOutcome {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+        result: Some(task_outcome::Result::Succeeded(v1::TaskSucceeded {})),
+    }
+}
+
+fn failed(task_id: &str, execution_id: &str, reason: &str, exit_code: i32) -> TaskOutcome {
+    TaskOutcome {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+        result: Some(task_outcome::Result::Failed(v1::TaskFailed {
+            failure_reason: reason.into(),
+            exit_code,
+            message: format!("Failed to execute task: {reason}"),
+        })),
+    }
+}
+
+fn accepted(task_id: &str, execution_id: &str) -> v1::AssignmentAccepted {
+    v1::AssignmentAccepted {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+    }
+}
+
+fn refused(task_id: &str, execution_id: &str) -> v1::AssignmentRefused {
+    v1::AssignmentRefused {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+        reason: "node at maximum concurrency".into(),
+    }
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self::with(timings())
+    }
+
+    fn with(timings: FleetTimings) -> Self {
+        let outbox = Arc::new(Outbox::default());
+        let settings = UpstreamSettings {
+            worker_id: WORKER_ID.into(),
+            server_root_url: "http://oz.test".into(),
+            ..Default::default()
+        };
+        let fleet = Fleet::new(outbox.clone(), settings, timings);
+        let events = fleet.subscribe();
+        let stop = CancellationToken::new();
+        let mut deadline_loop = JoinSet::new();
+        deadline_loop.spawn({
+            let fleet = fleet.clone();
+            let stop = stop.clone();
+            async move { fleet.run_deadlines(stop).await }
+        });
+        Self {
+            fleet,
+            outbox,
+            events,
+            stop,
+            _deadline_loop: deadline_loop,
+        }
+    }
+
+    fn attach(&self, hello: NodeHello) -> TestNode {
+        let (sender, mut inbox) = tokio::sync::mpsc::unbounded_channel();
+        let id = hello.node_id.clone();
+        let epoch = self.fleet.attach(&hello, sender).expect("attached");
+        match inbox.try_recv() {
+            Ok(Ok(AttachResponse {
+                kind: Some(attach_response::Kind::Welcome(welcome)),
+            })) => {
+                assert_eq!(welcome.epoch, epoch);
+                assert_eq!(welcome.worker_id, WORKER_ID);
+            }
+            other => panic!("expected a welcome first, got {other:?}"),
+        }
+        TestNode { id, epoch, inbox }
+    }
+
+    fn assign(&self, task_id: &str, execution_id: &str) {
+        let frame = format!(
+            r#"{{"type":"task_assignment","data":{{"task_id":"{task_id}","execution_id":"{execution_id}","task":{{"id":"{task_id}","title":"t"}},"env_vars":{{"WARP_API_KEY":"secret"}}}}}}"#
+        );
+        let Ok(ServerMessage::TaskAssignment {
+            assignment,
+            raw_data,
+        }) = oz::parse_server_message(&frame)
+        else {
+            panic!("test assignment must parse");
+        };
+        self.fleet
+            .on_assignment(&assignment, raw_data.get().as_bytes());
+    }
+
+    /// The messages queued for Oz, each "written" (so outcome receipts are acknowledged).
+    fn upstream(&self) -> Vec<WorkerMessage> {
+        let mut sent = Vec::new();
+        while let Some(queued) = self.outbox.front().now_or_never() {
+            self.outbox.mark_sent(&queued);
+            self.fleet.relayed(&queued);
+            sent.push(queued.message);
+        }
+        sent
+    }
+
+    fn events(&mut self) -> Vec<FleetEvent> {
+        let mut seen = Vec::new();
+        loop {
+            match self.events.try_recv() {
+                Ok(event) => seen.push(event),
+                Err(TryRecvError::Empty) => return seen,
+                Err(error) => panic!("event stream: {error}"),
+            }
+        }
+    }
+
+    /// Waits (on the paused clock) for the first event `matches` accepts.
+    async fn wait_for(&mut self, matches: impl Fn(&FleetEvent) -> bool) -> FleetEvent {
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(3600), self.events.recv())
+                .await
+                .expect("the event within an hour of fleet time")
+                .expect("event stream open");
+            if matches(&event) {
+                return event;
+            }
+        }
+    }
+}
+
+impl TestNode {
+    fn messages(&mut self) -> Vec<attach_response::Kind> {
+        let mut seen = Vec::new();
+        while let Ok(message) = self.inbox.try_recv() {
+            seen.push(message.expect("no error status").kind.expect("a message"));
+        }
+        seen
+    }
+
+    fn offers(&mut self) -> Vec<String> {
+        self.messages()
+            .into_iter()
+            .filter_map(|message| match message {
+                attach_response::Kind::Assignment(assignment) => Some(assignment.task_id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn is_closed(&mut self) -> bool {
+        matches!(
+            self.inbox.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        )
+    }
+}
+
+fn cancellation(task_id: &str, execution_id: &str) -> attach_response::Kind {
+    attach_response::Kind::Cancellation(v1::TaskCancellation {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+    })
+}
+
+fn ack(task_id: &str, execution_id: &str) -> attach_response::Kind {
+    attach_response::Kind::OutcomeAck(v1::OutcomeAck {
+        task_id: task_id.into(),
+        execution_id: execution_id.into(),
+    })
+}
+
+fn claimed(task_id: &str) -> WorkerMessage {
+    WorkerMessage::claimed(task_id, WORKER_ID)
+}
+
+/// Assigns, lets `node` accept, and checks the claim.
+fn run_on(h: &Harness, node: &mut TestNode, task_id: &str, execution_id: &str) {
+    h.assign(task_id, execution_id);
+    assert_eq!(node.offers(), vec![task_id.to_string()]);
+    h.fleet
+        .on_accepted(&node.id, node.epoch, accepted(task_id, execution_id));
+    assert_eq!(h.upstream(), vec![claimed(task_id)]);
+}
+
+// ---- attach, epochs, identity -------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_reattach_gets_a_new_epoch_and_fences_the_old_connection() {
+    let mut h = Harness::new();
+    let mut first = h.attach(hello("node-a"));
+    run_on(&h, &mut first, "run-1", "exec-1");
+    let mut hello_again = hello("node-a");
+    hello_again.running_tasks.push(running("run-1", "exec-1"));
+    let mut second = h.attach(hello_again);
+    assert!(second.epoch > first.epoch);
+    assert!(first.is_closed(), "the old stream is dropped");
+
+    // The old connection's late outcome is ignored; the new one's is relayed.
+    h.fleet
+        .on_outcome("node-a", first.epoch, succeeded("run-1", "exec-1"));
+    assert!(h.upstream().is_empty());
+    h.fleet
+        .on_outcome("node-a", second.epoch, succeeded("run-1", "exec-1"));
+    assert_eq!(h.upstream(), vec![WorkerMessage::completed("run-1")]);
+    assert_eq!(second.messages(), vec![ack("run-1", "exec-1")]);
+
+    let attached: Vec<_> = h
+        .events()
+        .into_iter()
+        .filter_map(|event| match event {
+            FleetEvent::NodeAttached { reattached, .. } => Some(reattached),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(attached, vec![false, true]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_second_process_with_the_same_node_id_is_refused_while_the_first_is_attached() {
+    let mut h = Harness::new();
+    let _first = h.attach(hello("node-a"));
+    let mut impostor = hello("node-a");
+    impostor.instance_id = "another-process".into();
+    let (sender, _inbox) = tokio::sync::mpsc::unbounded_channel();
+    let error = h.fleet.attach(&impostor, sender).unwrap_err();
+    assert!(matches!(error, GatewayError::DuplicateNode(ref id) if id == "node-a"));
+    assert!(h.events().contains(&FleetEvent::NodeRefused {
+        node_id: "node-a".into()
+    }));
+    // Once the first is gone, the other process may take the identity.
+    h.fleet.detach("node-a", 1);
+    let (sender, _inbox) = tokio::sync::mpsc::unbounded_channel();
+    assert!(h.fleet.attach(&impostor, sender).is_ok());
+}
+
+// ---- offers ---------------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn an_accepted_offer_is_claimed_once_and_its_outcome_relayed_once_then_acknowledged() {
+    let mut h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    h.assign("run-1", "exec-1");
+    assert_eq!(node.offers(), vec!["run-1"]);
+    h.fleet
+        .on_accepted("node-a", node.epoch, accepted("run-1", "exec-1"));
+    // A repeated acceptance does not claim twice.
+    h.fleet
+        .on_accepted("node-a", node.epoch, accepted("run-1", "exec-1"));
+    assert_eq!(h.upstream(), vec![claimed("run-1")]);
+
+    let outcome = failed("run-1", "exec-1", "agent_invocation", 3);
+    h.fleet.on_outcome("node-a", node.epoch, outcome.clone());
+    // No acknowledgement until the message is written to Oz.
+    assert!(node.messages().is_empty());
+    assert_eq!(
+        h.upstream(),
+        vec![WorkerMessage::failed(
+            "run-1",
+            FailureReason::AgentInvocation,
+            "Failed to execute task: agent_invocation".into(),
+            3
+        )]
+    );
+    assert_eq!(node.messages(), vec![ack("run-1", "exec-1")]);
+    // A repeat (lost acknowledgement) is acknowledged again but not relayed again.
+    h.fleet.on_outcome("node-a", node.epoch, outcome);
+    assert!(h.upstream().is_empty());
+    assert_eq!(node.messages(), vec![ack("run-1", "exec-1")]);
+
+    let finished: Vec<_> = h
+        .events()
+        .into_iter()
+        .filter(|event| matches!(event, FleetEvent::TaskFinished { .. }))
+        .collect();
+    assert_eq!(
+        finished,
+        vec![FleetEvent::TaskFinished {
+            task_id: "run-1".into(),
+            execution_id: "exec-1".into(),
+            node_id: "node-a".into(),
+            result: TaskResult::Failed {
+                reason: "agent_invocation".into(),
+                exit_code: 3
+            },
+            lost: false,
+        }]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_refused_offer_goes_to_the_other_node_and_is_rejected_when_all_refuse() {
+    let h = Harness::new();
+    let mut a = h.attach(hello("node-a"));
+    let mut b = h.attach(hello("node-b"));
+    h.assign("run-1", "exec-1");
+    let (first, second) = if a.offers() == vec!["run-1"] {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    h.fleet
+        .on_refused(&first.id, first.epoch, refused("run-1", "exec-1"));
+    assert_eq!(second.offers(), vec!["run-1"]);
+    assert!(h.upstream().is_empty());
+    h.fleet
+        .on_refused(&second.id, second.epoch, refused("run-1", "exec-1"));
+    assert_eq!(
+        h.upstream(),
+        vec![WorkerMessage::rejected_at_capacity("run-1")]
+    );
+    assert!(h.fleet.snapshot().tasks.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unanswered_offer_moves_on_after_the_offer_timeout_and_a_silent_node_is_dropped() {
+    let mut h = Harness::new();
+    let mut silent = h.attach(hello("node-a"));
+    // No other node: each expired offer ends in a rejection.
+    for round in 1..=MAX_UNANSWERED_OFFERS {
+        let task_id = format!("run-{round}");
+        h.assign(&task_id, "exec");
+        assert_eq!(silent.offers(), vec![task_id.clone()]);
+        let started = Instant::now();
+        let expired = h
+            .wait_for(|event| matches!(event, FleetEvent::TaskRefused { expired: true, .. }))
+            .await;
+        assert_eq!(started.elapsed(), timings().offer_timeout);
+        assert!(
+            matches!(expired, FleetEvent::TaskRefused { task_id: ref id, .. } if *id == task_id)
+        );
+        assert_eq!(
+            h.upstream(),
+            vec![WorkerMessage::rejected_at_capacity(&task_id)]
+        );
+    }
+    h.wait_for(|event| matches!(event, FleetEvent::NodeDetached { .. }))
+        .await;
+    assert!(silent.is_closed());
+    assert_eq!(h.fleet.snapshot().nodes[0].state, NodeState::Disconnected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_answer_resets_the_unanswered_count_and_withdraws_the_offer_deadline() {
+    let mut h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    for round in 0..(MAX_UNANSWERED_OFFERS * 2) {
+        let task_id = format!("run-{round}");
+        run_on(&h, &mut node, &task_id, "exec");
+    }
+    // Offer deadlines of answered offers were withdrawn: only what remains fires.
+    assert!(h.fleet.lock().deadlines.is_empty());
+    tokio::time::sleep(timings().offer_timeout * 2).await;
+    assert!(
+        !h.events()
+            .iter()
+            .any(|event| matches!(event, FleetEvent::NodeDetached { .. }))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_late_acceptance_of_a_withdrawn_offer_is_cancelled_on_that_node() {
+    let mut h = Harness::new();
+    let mut slow = h.attach(hello("node-a"));
+    h.assign("run-1", "exec-1");
+    assert_eq!(slow.offers(), vec!["run-1"]);
+    h.wait_for(|event| matches!(event, FleetEvent::TaskRejected { .. }))
+        .await;
+    h.fleet
+        .on_accepted("node-a", slow.epoch, accepted("run-1", "exec-1"));
+    assert_eq!(slow.messages(), vec![cancellation("run-1", "exec-1")]);
+    assert_eq!(
+        h.upstream(),
+        vec![WorkerMessage::rejected_at_capacity("run-1")],
+        "no claim for a withdrawn offer"
+    );
+}
+
+// ---- nodes lost -----------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_node_lost_mid_task_has_the_task_reported_failed_after_the_grace() {
+    let mut h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    run_on(&h, &mut node, "run-1", "exec-1");
+    h.fleet.detach("node-a", node.epoch);
+    let snapshot = h.fleet.snapshot();
+    assert_eq!(snapshot.tasks[0].state, TaskState::Lost);
+    assert_eq!(snapshot.nodes[0].state, NodeState::Disconnected);
+
+    let detached_at = Instant::now();
+    let finished = h
+        .wait_for(|event| matches!(event, FleetEvent::TaskFinished { .. }))
+        .await;
+    assert_eq!(detached_at.elapsed(), timings().node_lost_timeout);
+    assert!(matches!(
+        finished,
+        FleetEvent::TaskFinished { lost: true, .. }
+    ));
+    let upstream = h.upstream();
+    assert_eq!(upstream.len(), 1);
+    assert!(matches!(
+        &upstream[0],
+        WorkerMessage::TaskFailed(failed)
+            if failed.task_id == "run-1" && failed.failure_reason == "unknown"
+    ));
+    h.wait_for(|event| matches!(event, FleetEvent::NodeForgotten { .. }))
+        .await;
+    assert!(h.fleet.snapshot().nodes.is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_back_within_the_grace_keeps_its_task() {
+    let mut h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    run_on(&h, &mut node, "run-1", "exec-1");
+    h.fleet.detach("node-a", node.epoch);
+    tokio::time::sleep(timings().node_lost_timeout / 2).await;
+    let mut back = hello("node-a");
+    back.running_tasks.push(running("run-1", "exec-1"));
+    let mut node = h.attach(back);
+    tokio::time::sleep(timings().node_lost_timeout * 2).await;
+    assert!(h.upstream().is_empty(), "nothing reported lost");
+    assert_eq!(h.fleet.snapshot().tasks[0].state, TaskState::Running);
+    h.fleet
+        .on_outcome("node-a", node.epoch, succeeded("run-1", "exec-1"));
+    assert_eq!(h.upstream(), vec![WorkerMessage::completed("run-1")]);
+    assert_eq!(node.messages(), vec![ack("run-1", "exec-1")]);
+    assert!(
+        !h.events()
+            .iter()
+            .any(|event| matches!(event, FleetEvent::NodeForgotten { .. }))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_pending_offer_of_a_disconnected_node_moves_on_at_its_offer_timeout() {
+    let mut h = Harness::new();
+    let mut a = h.attach(hello("node-a"));
+    h.assign("run-1", "exec-1");
+    assert_eq!(a.offers(), vec!["run-1"]);
+    let offered_at = Instant::now();
+    h.fleet.detach("node-a", a.epoch);
+    let mut b = h.attach(hello("node-b"));
+    assert!(
+        b.offers().is_empty(),
+        "not moved at once: node-a may have accepted"
+    );
+    h.wait_for(
+        |event| matches!(event, FleetEvent::TaskOffered { node_id, .. } if &**node_id == "node-b"),
+    )
+    .await;
+    assert_eq!(offered_at.elapsed(), timings().offer_timeout);
+    assert_eq!(b.offers(), vec!["run-1"]);
+}
+
+// ---- cancellations --------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_cancellation_before_the_node_attaches_is_applied_when_it_announces_the_task() {
+    let mut h = Harness::new();
+    h.fleet.on_cancellation("run-1");
+    let mut returning = hello("node-a");
+    returning.running_tasks.push(running("run-1", "exec-1"));
+    let mut node = h.attach(returning);
+    assert_eq!(node.messages(), vec![cancellation("run-1", "exec-1")]);
+    assert!(h.events().contains(&FleetEvent::TaskStarted {
+        task_id: "run-1".into(),
+        execution_id: "exec-1".into(),
+        node_id: "node-a".into(),
+        adopted: true,
+    }));
+    // The node's cancelled outcome is relayed: the task was adopted.
+    let cancelled = TaskOutcome {
+        result: Some(task_outcome::Result::Cancelled(v1::TaskCancelled {})),
+        ..succeeded("run-1", "exec-1")
+    };
+    h.fleet.on_outcome("node-a", node.epoch, cancelled);
+    assert_eq!(h.upstream(), vec![WorkerMessage::cancelled("run-1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_early_cancellation_is_forgotten_after_its_time() {
+    let h = Harness::new();
+    h.fleet.on_cancellation("run-1");
+    tokio::time::sleep(EARLY_CANCELLATION_TTL + Duration::from_secs(1)).await;
+    let mut returning = hello("node-a");
+    returning.running_tasks.push(running("run-1", "exec-1"));
+    // Past the reattach window too, so use a fleet with a long one.
+    drop(h);
+    let h = Harness::with(FleetTimings {
+        reattach_window: EARLY_CANCELLATION_TTL * 2,
+        ..timings()
+    });
+    h.fleet.on_cancellation("run-1");
+    tokio::time::sleep(EARLY_CANCELLATION_TTL + Duration::from_secs(1)).await;
+    let mut node = h.attach(returning);
+    assert!(
+        node.messages().is_empty(),
+        "the stale cancellation was dropped"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_task_cancelled_while_offered_is_dropped_after_a_refusal() {
+    let mut h = Harness::new();
+    let mut a = h.attach(hello("node-a"));
+    let mut b = h.attach(hello("node-b"));
+    h.assign("run-1", "exec-1");
+    let holder = if a.offers().is_empty() {
+        &mut b
+    } else {
+        &mut a
+    };
+    h.fleet.on_cancellation("run-1");
+    assert_eq!(holder.messages(), vec![cancellation("run-1", "exec-1")]);
+    h.fleet
+        .on_refused(&holder.id, holder.epoch, refused("run-1", "exec-1"));
+    assert!(a.offers().is_empty() && b.offers().is_empty());
+    assert!(h.upstream().is_empty());
+    assert!(h.events().contains(&FleetEvent::TaskDropped {
+        task_id: "run-1".into(),
+        execution_id: "exec-1".into(),
+    }));
+}
+
+// ---- reconciliation of a hello ---------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_announcing_a_pending_offer_as_running_claims_it() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    h.assign("run-1", "exec-1");
+    assert_eq!(node.offers(), vec!["run-1"]);
+    h.fleet.detach("node-a", node.epoch);
+    let mut back = hello("node-a");
+    back.running_tasks.push(running("run-1", "exec-1"));
+    h.attach(back);
+    assert_eq!(h.upstream(), vec![claimed("run-1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_missing_a_pending_offer_gets_it_offered_again() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    h.assign("run-1", "exec-1");
+    assert_eq!(node.offers(), vec!["run-1"]);
+    h.fleet.detach("node-a", node.epoch);
+    let mut node = h.attach(hello("node-a"));
+    assert_eq!(node.offers(), vec!["run-1"]);
+    assert!(h.upstream().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_missing_a_running_task_gets_it_failed_upstream_at_once() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    run_on(&h, &mut node, "run-1", "exec-1");
+    h.fleet.detach("node-a", node.epoch);
+    h.attach(hello("node-a"));
+    let upstream = h.upstream();
+    assert!(matches!(
+        upstream.as_slice(),
+        [WorkerMessage::TaskFailed(failed)]
+            if failed.task_id == "run-1"
+                && failed.failure_reason == "unknown"
+                && failed.message.contains("restarted and no longer runs the task")
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_with_an_unacknowledged_outcome_of_a_given_task_relays_it_once() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    run_on(&h, &mut node, "run-1", "exec-1");
+    h.fleet.detach("node-a", node.epoch);
+    let with_outcome = || NodeHello {
+        unacknowledged_outcomes: vec![failed("run-1", "exec-1", "setup_command", 2)],
+        ..hello("node-a")
+    };
+    let mut node = h.attach(with_outcome());
+    assert_eq!(h.upstream().len(), 1);
+    assert_eq!(node.messages(), vec![ack("run-1", "exec-1")]);
+    // The acknowledgement was lost: announced again, acknowledged, not relayed again.
+    h.fleet.detach("node-a", node.epoch);
+    let mut node = h.attach(with_outcome());
+    assert_eq!(node.messages(), vec![ack("run-1", "exec-1")]);
+    assert!(h.upstream().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hello_announcing_a_task_placed_elsewhere_or_settled_is_told_to_stop() {
+    let h = Harness::new();
+    let mut a = h.attach(hello("node-a"));
+    run_on(&h, &mut a, "run-1", "exec-1");
+    run_on(&h, &mut a, "run-2", "exec-2");
+    h.fleet
+        .on_outcome("node-a", a.epoch, succeeded("run-2", "exec-2"));
+    h.upstream();
+    let mut claims = hello("node-b");
+    claims.running_tasks = vec![running("run-1", "exec-1"), running("run-2", "exec-2")];
+    let mut b = h.attach(claims);
+    let mut told = b.messages();
+    told.sort_by_key(|message| format!("{message:?}"));
+    assert_eq!(
+        told,
+        vec![
+            cancellation("run-1", "exec-1"),
+            cancellation("run-2", "exec-2")
+        ]
+    );
+    assert!(h.upstream().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn unknown_running_tasks_are_adopted_only_within_the_reattach_window() {
+    let h = Harness::new();
+    let mut early = hello("node-a");
+    early.running_tasks.push(running("run-1", "exec-1"));
+    let mut a = h.attach(early);
+    assert!(a.messages().is_empty(), "adopted, not stopped");
+    assert_eq!(h.fleet.snapshot().tasks[0].state, TaskState::Running);
+
+    tokio::time::sleep(timings().reattach_window).await;
+    let mut late = hello("node-b");
+    late.running_tasks.push(running("run-9", "exec-9"));
+    let mut b = h.attach(late);
+    assert_eq!(b.messages(), vec![cancellation("run-9", "exec-9")]);
+    assert_eq!(h.fleet.snapshot().tasks.len(), 1);
+}
+
+// ---- trust boundary --------------------------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_node_cannot_settle_a_task_it_was_not_given() {
+    let mut h = Harness::new();
+    let mut owner = h.attach(hello("node-a"));
+    run_on(&h, &mut owner, "run-1", "exec-1");
+    let mut rogue = h.attach(hello("node-rogue"));
+    h.events();
+
+    // Live: another node's task, a finished task of another node, a never-assigned one.
+    h.fleet
+        .on_outcome("node-rogue", rogue.epoch, succeeded("run-1", "exec-1"));
+    h.fleet.on_outcome(
+        "node-rogue",
+        rogue.epoch,
+        succeeded("never-assigned", "exec-x"),
+    );
+    // In a hello (full-state report) after reconnecting.
+    h.fleet.detach("node-rogue", rogue.epoch);
+    let mut forged = hello("node-rogue");
+    forged.unacknowledged_outcomes = vec![
+        failed("run-1", "exec-1", "unknown", 1),
+        succeeded("other-run", "exec-y"),
+    ];
+    let mut rogue_again = h.attach(forged);
+    assert!(h.upstream().is_empty(), "nothing reaches Oz");
+    let fenced = h
+        .events()
+        .into_iter()
+        .filter(|event| matches!(event, FleetEvent::OutcomeFenced { .. }))
+        .count();
+    assert_eq!(fenced, 4);
+    // The rogue's outcomes are acknowledged (so it stops repeating them), nothing else.
+    assert_eq!(rogue.messages().len(), 2);
+    assert_eq!(rogue_again.messages().len(), 2);
+
+    // The real owner still settles its task.
+    h.fleet
+        .on_outcome("node-a", owner.epoch, succeeded("run-1", "exec-1"));
+    assert_eq!(h.upstream(), vec![WorkerMessage::completed("run-1")]);
+    // Once settled, the rogue cannot report it again either.
+    h.fleet.on_outcome(
+        "node-rogue",
+        rogue_again.epoch,
+        failed("run-1", "exec-1", "unknown", 1),
+    );
+    assert!(h.upstream().is_empty());
+}
+
+// ---- operators, snapshots, robustness ----------------------------------------------------
+
+#[tokio::test(start_paused = true)]
+async fn a_draining_node_gets_no_new_tasks_keeps_its_drain_across_reconnects_and_can_be_undrained()
+{
+    let mut h = Harness::new();
+    let mut a = h.attach(hello("node-a"));
+    let mut b = h.attach(hello("node-b"));
+    h.fleet.set_draining("node-a", true).unwrap();
+    assert_eq!(h.fleet.snapshot().nodes[0].state, NodeState::Draining);
+    for round in 0..4 {
+        h.assign(&format!("run-{round}"), "exec");
+    }
+    assert!(a.offers().is_empty());
+    assert_eq!(b.offers().len(), 4);
+
+    // The agent restarts: still drained.
+    h.fleet.detach("node-a", a.epoch);
+    let snapshot = h.fleet.snapshot();
+    assert_eq!(snapshot.nodes[0].state, NodeState::Disconnected);
+    assert!(snapshot.nodes[0].draining);
+    let mut a = h.attach(hello("node-a"));
+    assert_eq!(h.fleet.snapshot().nodes[0].state, NodeState::Draining);
+    h.assign("run-x", "exec");
+    assert!(a.offers().is_empty());
+
+    h.fleet.set_draining("node-a", false).unwrap();
+    h.assign("run-y", "exec");
+    assert_eq!(
+        a.offers(),
+        vec!["run-y"],
+        "the idle node is least loaded again"
+    );
+    assert!(matches!(
+        h.fleet.set_draining("no-such-node", true),
+        Err(GatewayError::UnknownNode(_))
+    ));
+    let drains: Vec<bool> = h
+        .events()
+        .into_iter()
+        .filter_map(|event| match event {
+            FleetEvent::NodeDraining { draining, .. } => Some(draining),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(drains, vec![true, false]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn when_every_node_is_full_or_draining_the_task_is_rejected() {
+    let h = Harness::new();
+    let mut small = hello("node-a");
+    small.max_concurrent_tasks = 1;
+    let mut a = h.attach(small);
+    let _b = h.attach(hello("node-b"));
+    h.fleet.set_draining("node-b", true).unwrap();
+    run_on(&h, &mut a, "run-1", "exec-1");
+    h.assign("run-2", "exec-2");
+    assert_eq!(
+        h.upstream(),
+        vec![WorkerMessage::rejected_at_capacity("run-2")]
+    );
+    // The slot frees: the next task fits again.
+    h.fleet
+        .on_outcome("node-a", a.epoch, succeeded("run-1", "exec-1"));
+    h.upstream();
+    run_on(&h, &mut a, "run-3", "exec-3");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_snapshot_shows_nodes_and_tasks_without_contents() {
+    let h = Harness::new();
+    let mut labelled = hello("node-a");
+    labelled.labels.insert("pool".into(), "gpu".into());
+    labelled.max_concurrent_tasks = 4;
+    let mut node = h.attach(labelled);
+    run_on(&h, &mut node, "run-1", "exec-1");
+    h.assign("run-2", "exec-2");
+    h.fleet.set_upstream_connected(true);
+    let snapshot = h.fleet.snapshot();
+    assert!(snapshot.upstream_connected);
+    let shown = &snapshot.nodes[0];
+    assert_eq!(&*shown.node_id, "node-a");
+    assert_eq!(shown.name, "node-a-host");
+    assert_eq!(shown.labels.get("pool").map(String::as_str), Some("gpu"));
+    assert_eq!(shown.max_concurrent_tasks, 4);
+    assert_eq!(shown.active_tasks, 2);
+    assert_eq!(shown.state, NodeState::Ready);
+    let states: Vec<_> = snapshot
+        .tasks
+        .iter()
+        .map(|task| (task.task_id.as_str(), task.state))
+        .collect();
+    assert_eq!(
+        states,
+        vec![("run-1", TaskState::Running), ("run-2", TaskState::Offered)]
+    );
+    assert!(!format!("{snapshot:?}").contains("secret"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panic_during_a_transition_does_not_take_the_fleet_down() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    let fleet = h.fleet.clone();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        fleet.apply(|_| panic!("a broken invariant"));
+    }));
+    assert!(panicked.is_err());
+    assert!(h.fleet.state.is_poisoned());
+    // The next message is served as usual.
+    run_on(&h, &mut node, "run-1", "exec-1");
+    assert!(!h.fleet.state.is_poisoned());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_repeated_assignment_of_a_running_task_is_claimed_again_not_offered_again() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    run_on(&h, &mut node, "run-1", "exec-1");
+    h.assign("run-1", "exec-1");
+    assert!(node.offers().is_empty());
+    assert_eq!(h.upstream(), vec![claimed("run-1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn upstream_connection_changes_are_events() {
+    let mut h = Harness::new();
+    h.fleet.set_upstream_connected(true);
+    h.fleet.set_upstream_connected(true);
+    h.fleet.set_upstream_connected(false);
+    assert_eq!(
+        h.events(),
+        vec![
+            FleetEvent::UpstreamConnected,
+            FleetEvent::UpstreamDisconnected
+        ]
+    );
+}
