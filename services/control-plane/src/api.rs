@@ -9,8 +9,6 @@ use axum::http::{Method, Uri};
 use axum::routing::{get, post};
 use axum::{Extension, Json, Router, middleware};
 use ozfleet_proto::oz::WORKER_WEB_SOCKET_PATH;
-use serde::Serialize;
-use serde_json::{Map, Value, json};
 use tracing::info;
 use uuid::Uuid;
 
@@ -18,6 +16,7 @@ use crate::AppState;
 use crate::auth::{self, Caller, RunToken};
 use crate::error::ApiError;
 use crate::listing::{Cursor, RunListQuery};
+use crate::run_api::{PageInfo, RunCancelled, RunCreated, RunItem, RunPage, StatusMessage};
 use crate::run_request::parse_run_request;
 use crate::store::{Run, RunState, Timestamp};
 use crate::worker_ws;
@@ -55,7 +54,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
 async fn create_run(
     State(state): State<Arc<AppState>>,
     body: Result<Bytes, BytesRejection>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunCreated>, ApiError> {
     let body = body.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let submission = parse_run_request(&body)?;
     let run_id = Uuid::now_v7().to_string();
@@ -93,24 +92,12 @@ async fn create_run(
         }
     );
     state.dispatcher.wake();
-    Ok(Json(json!({
-        "run_id": run.run_id,
-        "task_id": run.run_id,
-        "state": RunState::Queued.as_str(),
-        "at_capacity": at_capacity,
-    })))
-}
-
-#[derive(Debug, Serialize)]
-struct RunPage {
-    runs: Vec<RunItem>,
-    page_info: PageInfo,
-}
-
-#[derive(Debug, Serialize)]
-struct PageInfo {
-    has_next_page: bool,
-    next_cursor: Option<String>,
+    Ok(Json(RunCreated {
+        at_capacity,
+        task_id: run.run_id.clone(),
+        run_id: run.run_id,
+        state: RunState::Queued,
+    }))
 }
 
 async fn list_runs(
@@ -156,39 +143,9 @@ async fn get_run(
 async fn cancel_run(
     State(state): State<Arc<AppState>>,
     Path(run_id): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<Json<RunCancelled>, ApiError> {
     state.dispatcher.cancel_run(&run_id)?;
-    Ok(Json(json!({ "run_id": run_id })))
-}
-
-/// Oz's `RunItem`, limited to what this control plane knows, plus the worker-side
-/// details (`claimed_by`, `execution_id`, `failure_reason`, `exit_code`,
-/// `cancel_requested`).
-#[derive(Debug, Serialize)]
-struct RunItem {
-    run_id: String,
-    task_id: String,
-    title: String,
-    state: &'static str,
-    prompt: String,
-    created_at: Timestamp,
-    updated_at: Timestamp,
-    started_at: Option<Timestamp>,
-    status_message: Option<StatusMessage>,
-    agent_config: Map<String, Value>,
-    execution_location: &'static str,
-    source: &'static str,
-    claimed_by: Option<String>,
-    execution_id: Option<String>,
-    failure_reason: Option<String>,
-    exit_code: Option<i32>,
-    cancel_requested: bool,
-}
-
-#[derive(Debug, Serialize)]
-struct StatusMessage {
-    message: String,
-    error_code: Option<String>,
+    Ok(Json(RunCancelled { run_id }))
 }
 
 impl From<Run> for RunItem {
@@ -201,15 +158,15 @@ impl From<Run> for RunItem {
             task_id: run.run_id.clone(),
             run_id: run.run_id,
             title: run.title,
-            state: run.state.as_str(),
+            state: run.state,
             prompt: run.prompt,
             created_at: run.created_at,
             updated_at: run.updated_at,
             started_at: run.started_at,
             status_message,
             agent_config: run.agent_config,
-            execution_location: "REMOTE",
-            source: "API",
+            execution_location: "REMOTE".into(),
+            source: "API".into(),
             claimed_by: run.claimed_by,
             execution_id: run.execution_id,
             failure_reason: run.failure_reason,

@@ -1,8 +1,8 @@
-//! Offers queued runs to connected workers and keeps the store and the [`Fleet`] in step.
+//! Offers queued runs to connected workers and keeps the store and the [`WorkerRegistry`] in step.
 //!
-//! Every change that involves both takes the fleet lock first and calls the store while
+//! Every change that involves both takes the worker registry lock first and calls the store while
 //! holding it, so that, for example, a cancellation and a claim of the same run cannot
-//! interleave. The store never calls back into the fleet, so the two locks cannot
+//! interleave. The store never calls back into the worker registry, so the two locks cannot
 //! deadlock.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -19,12 +19,12 @@ use tracing::{error, info};
 use uuid::Uuid;
 
 use crate::error::ApiError;
-use crate::fleet::{ConnectionId, Fleet, Offer};
 use crate::store::{Run, RunState, Store, Timestamp};
+use crate::worker_registry::{ConnectionId, Offer, WorkerRegistry};
 
 pub struct Dispatcher {
     pub(crate) store: Arc<Store>,
-    fleet: Mutex<Fleet>,
+    workers: Mutex<WorkerRegistry>,
     wakeup: Notify,
     pub(crate) reoffer_delay: Duration,
     images: TaskImages,
@@ -34,17 +34,17 @@ impl Dispatcher {
     pub fn new(store: Arc<Store>, reoffer_delay: Duration, images: TaskImages) -> Self {
         Self {
             store,
-            fleet: Mutex::new(Fleet::default()),
+            workers: Mutex::new(WorkerRegistry::default()),
             wakeup: Notify::new(),
             reoffer_delay,
             images,
         }
     }
 
-    pub(crate) fn lock_fleet(&self) -> MutexGuard<'_, Fleet> {
-        // The fleet is plain bookkeeping that every method leaves consistent before it can
+    pub(crate) fn lock_workers(&self) -> MutexGuard<'_, WorkerRegistry> {
+        // The worker registry is plain bookkeeping that every method leaves consistent before it can
         // panic, so a poisoned lock still guards a usable value.
-        self.fleet.lock().unwrap_or_else(PoisonError::into_inner)
+        self.workers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// Asks the dispatch loop for another pass: something it acts on has changed.
@@ -75,8 +75,8 @@ impl Dispatcher {
     /// neither already offered nor waiting after a rejection. Returns when the earliest
     /// waiting run becomes due.
     fn offer_queued_runs(&self) -> Option<Instant> {
-        let mut fleet = self.lock_fleet();
-        let worker_ids = fleet.connected_worker_ids();
+        let mut workers = self.lock_workers();
+        let worker_ids = workers.connected_worker_ids();
         if worker_ids.is_empty() {
             return None;
         }
@@ -91,26 +91,26 @@ impl Dispatcher {
         let now = Instant::now();
         let mut next_due: Option<Instant> = None;
         for run in queued {
-            if fleet.has_offer(&run.run_id) {
+            if workers.has_offer(&run.run_id) {
                 continue;
             }
-            if let Some(not_before) = fleet.reoffer_not_before(&run.run_id)
+            if let Some(not_before) = workers.reoffer_not_before(&run.run_id)
                 && not_before > now
             {
                 next_due = Some(next_due.map_or(not_before, |due| due.min(not_before)));
                 continue;
             }
-            let Some(connection) = fleet.next_connection_for(&run.worker_host) else {
+            let Some(connection) = workers.next_connection_for(&run.worker_host) else {
                 continue;
             };
             let execution_id = Uuid::now_v7().to_string();
             let frame = assignment_frame(&assignment_data(&run, &execution_id, &self.images));
-            if fleet.send(connection, frame) {
+            if workers.send(connection, frame) {
                 info!(
                     "offered run {} to worker {} (connection {connection}, execution {execution_id})",
                     run.run_id, run.worker_host
                 );
-                fleet.record_offer(
+                workers.record_offer(
                     &run.run_id,
                     Offer {
                         connection,
@@ -129,27 +129,27 @@ impl Dispatcher {
         worker_id: &str,
         outbox: UnboundedSender<String>,
     ) -> ConnectionId {
-        let mut fleet = self.lock_fleet();
-        let connection = fleet.connect(worker_id, outbox);
+        let mut workers = self.lock_workers();
+        let connection = workers.connect(worker_id, outbox);
         match self.store.runs_awaiting_cancellation(worker_id) {
             Ok(run_ids) => {
                 for run_id in run_ids {
                     info!("sending the pending cancellation of run {run_id} to worker {worker_id}");
-                    fleet.send(connection, cancellation_frame(&run_id));
+                    workers.send(connection, cancellation_frame(&run_id));
                 }
             }
             Err(error) => {
                 error!("cannot read pending cancellations of worker {worker_id}: {error}")
             }
         }
-        drop(fleet);
+        drop(workers);
         self.wake();
         connection
     }
 
     /// Forgets a closed connection; runs offered to it and not claimed are queued again.
     pub fn worker_disconnected(&self, connection: ConnectionId, worker_id: &str) {
-        let withdrawn = self.lock_fleet().disconnect(connection);
+        let withdrawn = self.lock_workers().disconnect(connection);
         for run_id in &withdrawn {
             info!(
                 "run {run_id} is queued again: worker {worker_id} disconnected before claiming it"
@@ -159,13 +159,13 @@ impl Dispatcher {
     }
 
     pub fn is_worker_connected(&self, worker_id: &str) -> bool {
-        self.lock_fleet().is_connected(worker_id)
+        self.lock_workers().is_connected(worker_id)
     }
 
     /// Cancels a run: a queued run at once; a run a worker holds by telling that worker,
     /// which reports the cancellation when done.
     pub fn cancel_run(&self, run_id: &str) -> Result<(), ApiError> {
-        let mut fleet = self.lock_fleet();
+        let mut workers = self.lock_workers();
         let run = self
             .store
             .get(run_id)?
@@ -178,15 +178,15 @@ impl Dispatcher {
         }
         let now = Timestamp::now();
         if run.state == RunState::Queued {
-            // Claims are handled under the fleet lock, so the run is still queued here.
+            // Claims are handled under the worker registry lock, so the run is still queued here.
             self.store.cancel_queued(run_id, now)?;
-            fleet.forget_run(run_id);
+            workers.forget_run(run_id);
             info!("run {run_id} QUEUED -> CANCELLED (cancelled before any worker claimed it)");
             return Ok(());
         }
         self.store.request_cancellation(run_id, now)?;
         let claimed_by = run.claimed_by.unwrap_or_default();
-        let reached = fleet.send_to_holder(run_id, &claimed_by, cancellation_frame(run_id));
+        let reached = workers.send_to_holder(run_id, &claimed_by, cancellation_frame(run_id));
         if reached == 0 {
             info!(
                 "cancellation of run {run_id} requested; worker {claimed_by} is disconnected and \

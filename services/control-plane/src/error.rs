@@ -3,8 +3,8 @@
 use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
 
+use crate::run_api::ApiErrorBody;
 use crate::store::{RunState, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +65,10 @@ impl IntoResponse for ApiError {
             }
             other => other.to_string(),
         };
-        let body = json!({ "error": self.code(), "message": message });
+        let body = ApiErrorBody {
+            error: self.code().to_owned(),
+            message,
+        };
         (self.status(), Json(body)).into_response()
     }
 }

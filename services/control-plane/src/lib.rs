@@ -18,19 +18,22 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
 mod api;
 mod auth;
+pub mod client;
 mod dispatch;
 mod error;
-mod fleet;
 mod listing;
+pub mod run_api;
 mod run_request;
 mod store;
 mod worker_messages;
+mod worker_registry;
 mod worker_ws;
 
 use dispatch::Dispatcher;
@@ -122,7 +125,10 @@ pub async fn run(
         shutdown: stop.clone(),
         connection_tasks: connection_tasks.clone(),
     });
-    let dispatch_loop = tokio::spawn(dispatcher.run(stop.clone()));
+    // Owned by this future: if the caller drops it, the loop is aborted too instead of
+    // dispatching runs with no server in front of it.
+    let mut dispatch_loop = JoinSet::new();
+    dispatch_loop.spawn(dispatcher.run(stop.clone()));
 
     info!("control plane listening on http://{address}");
     let served = axum::serve(listener, api::router(state))
@@ -131,7 +137,9 @@ pub async fn run(
     stop.cancel();
     connection_tasks.close();
     connection_tasks.wait().await;
-    dispatch_loop.await.context("the dispatch loop panicked")?;
+    while let Some(ended) = dispatch_loop.join_next().await {
+        ended.context("the dispatch loop panicked")?;
+    }
     served.context("serving the control plane failed")?;
     info!("control plane stopped");
     Ok(())

@@ -13,6 +13,7 @@ use crate::store::{Run, RunState};
 pub const DEFAULT_PAGE_SIZE: usize = 20;
 pub const MAX_PAGE_SIZE: usize = 500;
 
+/// What `GET /agent/runs` sorts by (`sort_by`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SortField {
     UpdatedAt,
@@ -28,7 +29,8 @@ impl SortField {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    /// The `sort_by` value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::UpdatedAt => "updated_at",
             Self::CreatedAt => "created_at",
@@ -48,6 +50,7 @@ impl SortField {
     }
 }
 
+/// The direction of a listing (`sort_order`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SortOrder {
     Asc,
@@ -63,7 +66,8 @@ impl SortOrder {
         }
     }
 
-    fn as_str(self) -> &'static str {
+    /// The `sort_order` value.
+    pub fn as_str(self) -> &'static str {
         match self {
             Self::Asc => "asc",
             Self::Desc => "desc",

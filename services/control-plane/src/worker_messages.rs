@@ -13,8 +13,8 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, warn};
 
 use crate::dispatch::Dispatcher;
-use crate::fleet::ConnectionId;
 use crate::store::{Outcome, RunState, StoreError, Timestamp};
+use crate::worker_registry::ConnectionId;
 
 /// The connection a message arrived on.
 #[derive(Debug, Clone, Copy)]
@@ -64,7 +64,7 @@ impl Dispatcher {
             worker_id,
         } = origin;
         let run_id = claimed.task_id.as_str();
-        let mut fleet = self.lock_fleet();
+        let mut workers = self.lock_workers();
         let Some(run) = self.store.get(run_id)? else {
             warn!("ignoring task_claimed from worker {worker_id} for unknown run {run_id}");
             return Ok(());
@@ -73,10 +73,10 @@ impl Dispatcher {
             info!(
                 "worker {worker_id} claimed run {run_id} after it was cancelled; telling it to cancel"
             );
-            fleet.send(connection, cancellation_frame(run_id));
+            workers.send(connection, cancellation_frame(run_id));
             return Ok(());
         }
-        let Some(offer) = fleet.take_offer(run_id, connection) else {
+        let Some(offer) = workers.take_offer(run_id, connection) else {
             warn!(
                 "ignoring task_claimed from worker {worker_id} (connection {connection}) for run \
                  {run_id}: it is {} and was not offered to this connection",
@@ -88,7 +88,7 @@ impl Dispatcher {
             .store
             .claim(run_id, worker_id, &offer.execution_id, Timestamp::now())?
         {
-            fleet.set_holder(run_id, connection);
+            workers.set_holder(run_id, connection);
             info!("run {run_id} QUEUED -> CLAIMED by worker {worker_id}");
         }
         Ok(())
@@ -100,16 +100,16 @@ impl Dispatcher {
             worker_id,
         } = origin;
         let run_id = rejected.task_id.as_str();
-        let mut fleet = self.lock_fleet();
-        if fleet.take_offer(run_id, connection).is_none() {
+        let mut workers = self.lock_workers();
+        if workers.take_offer(run_id, connection).is_none() {
             warn!(
                 "ignoring task_rejected from worker {worker_id} (connection {connection}) for run \
                  {run_id}: it was not offered to this connection"
             );
             return;
         }
-        fleet.delay_reoffer(run_id, worker_id, Instant::now() + self.reoffer_delay);
-        drop(fleet);
+        workers.delay_reoffer(run_id, worker_id, Instant::now() + self.reoffer_delay);
+        drop(workers);
         info!(
             "worker {worker_id} rejected run {run_id} ({:?}); it stays QUEUED and is offered \
              again in {:?} at the latest after a run of that worker ends",
@@ -126,7 +126,7 @@ impl Dispatcher {
         outcome: Outcome,
     ) -> Result<(), StoreError> {
         let worker_id = origin.worker_id;
-        let mut fleet = self.lock_fleet();
+        let mut workers = self.lock_workers();
         let Some(run) = self.store.get(run_id)? else {
             warn!("ignoring a report from worker {worker_id} for unknown run {run_id}");
             return Ok(());
@@ -156,9 +156,9 @@ impl Dispatcher {
                 outcome.state()
             );
         }
-        fleet.release_holder(run_id);
-        fleet.end_reoffer_delays_for(worker_id);
-        drop(fleet);
+        workers.release_holder(run_id);
+        workers.end_reoffer_delays_for(worker_id);
+        drop(workers);
         self.wake();
         Ok(())
     }

@@ -5,8 +5,11 @@ mod support;
 use std::collections::HashSet;
 use std::time::Duration;
 
+use ozfleet_control_plane::run_api::{
+    ListRuns, RunCancelled, RunPage, RunRequest, RunState, SortField, SortOrder,
+};
 use serde_json::{Value, json};
-use support::{API_KEY, ControlPlane, FakeWorker, assert_error, text};
+use support::{API_KEY, ControlPlane, FakeWorker, assert_error, assert_refused, text};
 
 const REOFFER_DELAY: Duration = Duration::from_millis(200);
 
@@ -46,7 +49,10 @@ async fn every_endpoint_requires_the_api_key() {
         }
         other => panic!("expected a 401 handshake failure, got {:?}", other.err()),
     }
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "QUEUED");
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Queued
+    );
     control_plane.stop().await;
 }
 
@@ -162,7 +168,11 @@ async fn a_created_run_is_queued_with_its_config_kept_whole() {
     let uuid = uuid::Uuid::parse_str(&run_id).expect("run ids are UUIDs");
     assert_eq!(uuid.get_version_num(), 7);
 
-    let run = control_plane.run_item(&run_id).await;
+    // The wire shape itself, field by field, as Oz clients read it.
+    let run = control_plane
+        .get(&format!("/api/v1/agent/runs/{run_id}"), Some(API_KEY))
+        .await
+        .body;
     assert_eq!(run["run_id"], run_id.as_str());
     assert_eq!(run["task_id"], run_id.as_str());
     assert_eq!(run["title"], "Fix");
@@ -198,16 +208,20 @@ async fn a_created_run_is_queued_with_its_config_kept_whole() {
 async fn cancelling_a_queued_run_is_immediate_and_final() {
     let control_plane = ControlPlane::start(REOFFER_DELAY).await;
     let run_id = control_plane.create_run_id("p", "w1").await;
-    let reply = control_plane.cancel(&run_id).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, json!({"run_id": run_id}));
+    let reply = control_plane.cancel(&run_id).await.unwrap();
+    assert_eq!(
+        reply,
+        RunCancelled {
+            run_id: run_id.clone()
+        }
+    );
     let run = control_plane.run_item(&run_id).await;
-    assert_eq!(run["state"], "CANCELLED");
+    assert_eq!(run.state, RunState::Cancelled);
 
     let again = control_plane.cancel(&run_id).await;
-    let message = assert_error(&again, 400, "run_already_finished");
+    let message = assert_refused(again, 400, "run_already_finished");
     assert!(message.contains("CANCELLED"), "{message}");
-    assert_error(&control_plane.cancel("no-such-run").await, 404, "not_found");
+    assert_refused(control_plane.cancel("no-such-run").await, 404, "not_found");
 
     // A worker connecting later is not offered the cancelled run.
     let mut worker = FakeWorker::connect(&control_plane, "w1").await;
@@ -227,48 +241,41 @@ async fn listing_pages_through_every_run_once_with_filters() {
         );
     }
     for run_id in &created[1..3] {
-        assert_eq!(control_plane.cancel(run_id).await.status, 200);
+        control_plane.cancel(run_id).await.unwrap();
     }
 
-    let list = |query: String| {
-        let control_plane = &control_plane;
-        async move {
-            let reply = control_plane
-                .get(&format!("/api/v1/agent/runs{query}"), Some(API_KEY))
-                .await;
-            assert_eq!(reply.status, 200, "{query}: {reply:?}");
-            reply.body
-        }
+    let ids = |page: &RunPage| -> Vec<String> {
+        page.runs.iter().map(|run| run.run_id.clone()).collect()
     };
-    let ids = |page: &Value| -> Vec<String> {
-        page["runs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|run| text(&run["run_id"]))
-            .collect()
+    let with_states = |states: &[RunState]| ListRuns {
+        states: states.to_vec(),
+        ..ListRuns::default()
     };
 
     // Oldest first by creation, two at a time.
     let mut seen = Vec::new();
-    let mut query = "?limit=2&sort_by=created_at&sort_order=asc".to_string();
+    let mut query = ListRuns {
+        limit: Some(2),
+        sort_by: Some(SortField::CreatedAt),
+        sort_order: Some(SortOrder::Asc),
+        ..ListRuns::default()
+    };
     let mut pages = 0;
     loop {
-        let page = list(query.clone()).await;
+        let page = control_plane.list(query.clone()).await;
         pages += 1;
         seen.extend(ids(&page));
-        if page["page_info"]["has_next_page"] == false {
-            assert_eq!(page["page_info"]["next_cursor"], Value::Null);
+        if !page.page_info.has_next_page {
+            assert_eq!(page.page_info.next_cursor, None);
             break;
         }
-        let cursor = text(&page["page_info"]["next_cursor"]);
-        query = format!("?limit=2&sort_by=created_at&sort_order=asc&cursor={cursor}");
+        query.cursor = page.page_info.next_cursor;
     }
     assert_eq!(pages, 3);
     assert_eq!(seen, created, "no duplicates, no gaps, creation order");
 
     // The default sort is most recently updated first: the cancelled runs lead.
-    let everything = list(String::new()).await;
+    let everything = control_plane.list(ListRuns::default()).await;
     let expected_default = vec![
         created[2].clone(),
         created[1].clone(),
@@ -279,29 +286,46 @@ async fn listing_pages_through_every_run_once_with_filters() {
     assert_eq!(ids(&everything), expected_default);
 
     // A run created while paging in descending order does not disturb the pages.
-    let first = list("?limit=2".into()).await;
+    let first = control_plane
+        .list(ListRuns {
+            limit: Some(2),
+            ..ListRuns::default()
+        })
+        .await;
     let late = control_plane.create_run_id("late", "w1").await;
-    let cursor = text(&first["page_info"]["next_cursor"]);
-    let rest = list(format!("?limit=10&cursor={cursor}")).await;
+    let rest = control_plane
+        .list(ListRuns {
+            limit: Some(10),
+            cursor: first.page_info.next_cursor.clone(),
+            ..ListRuns::default()
+        })
+        .await;
     let mut paged = ids(&first);
     paged.extend(ids(&rest));
     assert_eq!(paged, expected_default);
     assert!(!paged.contains(&late));
 
-    let cancelled: HashSet<String> = ids(&list("?state=CANCELLED".into()).await)
-        .into_iter()
-        .collect();
+    let cancelled: HashSet<String> = ids(&control_plane
+        .list(with_states(&[RunState::Cancelled]))
+        .await)
+    .into_iter()
+    .collect();
     assert_eq!(cancelled, created[1..3].iter().cloned().collect());
+    // The client sends `state=QUEUED,CANCELLED`; Oz clients may repeat the key instead.
+    let repeated = control_plane
+        .get(
+            "/api/v1/agent/runs?state=QUEUED&state=CANCELLED",
+            Some(API_KEY),
+        )
+        .await;
+    assert_eq!(repeated.body["runs"].as_array().map(Vec::len), Some(6));
+    let both = ListRuns {
+        limit: Some(500),
+        ..with_states(&[RunState::Queued, RunState::Cancelled])
+    };
+    assert_eq!(ids(&control_plane.list(both).await).len(), 6);
     assert_eq!(
-        ids(&list("?state=QUEUED&state=CANCELLED".into()).await).len(),
-        6
-    );
-    assert_eq!(
-        ids(&list("?state=QUEUED,CANCELLED&limit=500".into()).await).len(),
-        6
-    );
-    assert_eq!(
-        ids(&list("?state=FAILED".into()).await),
+        ids(&control_plane.list(with_states(&[RunState::Failed])).await),
         Vec::<String>::new()
     );
 
@@ -325,19 +349,19 @@ async fn listing_filters_by_config_name() {
     let control_plane = ControlPlane::start(REOFFER_DELAY).await;
     let mut named = None;
     for name in ["nightly", "weekly"] {
-        let body = json!({"prompt": "p", "config": {"worker_host": "w1", "name": name}});
-        let reply = control_plane
-            .post("/api/v1/agent/runs", Some(API_KEY), &body.to_string())
-            .await;
+        let request = RunRequest::new("p", "w1").with_config("name", json!(name));
+        let created = control_plane.submit(request).await;
         if name == "nightly" {
-            named = Some(text(&reply.body["run_id"]));
+            named = Some(created.run_id);
         }
     }
-    let reply = control_plane
-        .get("/api/v1/agent/runs?name=nightly", Some(API_KEY))
+    let page = control_plane
+        .list(ListRuns {
+            name: Some("nightly".into()),
+            ..ListRuns::default()
+        })
         .await;
-    let runs = reply.body["runs"].as_array().unwrap();
-    assert_eq!(runs.len(), 1, "{reply:?}");
-    assert_eq!(runs[0]["run_id"], named.unwrap().as_str());
+    assert_eq!(page.runs.len(), 1, "{page:?}");
+    assert_eq!(Some(&page.runs[0].run_id), named.as_ref());
     control_plane.stop().await;
 }

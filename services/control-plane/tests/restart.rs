@@ -5,8 +5,9 @@ mod support;
 
 use std::time::Duration;
 
+use ozfleet_control_plane::run_api::RunState;
 use ozfleet_proto::oz::WorkerMessage;
-use support::{ControlPlane, FakeWorker, text};
+use support::{ControlPlane, FakeWorker, blocking, text};
 
 const REOFFER_DELAY: Duration = Duration::from_millis(200);
 
@@ -21,7 +22,9 @@ async fn runs_survive_a_restart_and_unanswered_offers_are_made_again() {
         .create_run_id("claimed before the restart", "w1")
         .await;
     assert_eq!(worker.claim_next("w1").await, claimed);
-    let claimed_before = control_plane.wait_for_state(&claimed, "CLAIMED").await;
+    let claimed_before = control_plane
+        .wait_for_state(&claimed, RunState::Claimed)
+        .await;
     let offered = control_plane
         .create_run_id("offered before the restart", "w1")
         .await;
@@ -36,8 +39,14 @@ async fn runs_survive_a_restart_and_unanswered_offers_are_made_again() {
 
     let control_plane = ControlPlane::start_on(&database, REOFFER_DELAY).await;
     assert_eq!(control_plane.run_item(&claimed).await, claimed_before);
-    assert_eq!(control_plane.run_item(&offered).await["state"], "QUEUED");
-    assert_eq!(control_plane.run_item(&queued).await["state"], "QUEUED");
+    assert_eq!(
+        control_plane.run_item(&offered).await.state,
+        RunState::Queued
+    );
+    assert_eq!(
+        control_plane.run_item(&queued).await.state,
+        RunState::Queued
+    );
 
     let mut worker = FakeWorker::connect(&control_plane, "w1").await;
     let second_offer = worker.expect_assignment().await;
@@ -50,11 +59,12 @@ async fn runs_survive_a_restart_and_unanswered_offers_are_made_again() {
 
     // The run claimed before the restart can still be finished by its worker.
     worker.send(WorkerMessage::completed(&claimed)).await;
-    control_plane.wait_for_state(&claimed, "SUCCEEDED").await;
-    let run_token = text(&second_offer["env_vars"]["WARP_API_KEY"]);
-    let by_agent = control_plane
-        .get(&format!("/api/v1/agent/runs/{offered}"), Some(&run_token))
+    control_plane
+        .wait_for_state(&claimed, RunState::Succeeded)
         .await;
-    assert_eq!(by_agent.status, 200, "{by_agent:?}");
+    let run_token = text(&second_offer["env_vars"]["WARP_API_KEY"]);
+    let agent = control_plane.client_with_key(&run_token);
+    let by_agent = blocking(&agent, move |agent| agent.get(&offered)).await;
+    by_agent.expect("the run token still opens its run after the restart");
     control_plane.stop().await;
 }

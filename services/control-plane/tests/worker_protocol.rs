@@ -4,9 +4,10 @@ mod support;
 
 use std::time::Duration;
 
+use ozfleet_control_plane::run_api::{ListRuns, RunRequest, RunState, StatusMessage};
 use ozfleet_proto::oz::{FailureReason, WorkerMessage};
-use serde_json::{Value, json};
-use support::{API_KEY, ControlPlane, FakeWorker, assert_error, text};
+use serde_json::json;
+use support::{API_KEY, ControlPlane, FakeWorker, assert_refused, blocking, text};
 use tokio::time::Instant;
 
 const REOFFER_DELAY: Duration = Duration::from_millis(300);
@@ -48,51 +49,58 @@ async fn a_run_goes_from_queued_through_claimed_and_in_progress_to_succeeded() {
 
     // Now that w1 is connected, new runs for it are not at capacity.
     let second = control_plane.create_run("later", "w1").await;
-    assert_eq!(second["at_capacity"], false);
-    let second_id = text(&second["run_id"]);
+    assert!(!second.at_capacity);
+    let second_id = second.run_id;
     assert_eq!(
         text(&worker.expect_assignment().await["task_id"]),
         second_id
     );
 
     worker.send(WorkerMessage::claimed(&run_id, "w1")).await;
-    let claimed = control_plane.wait_for_state(&run_id, "CLAIMED").await;
-    assert_eq!(claimed["claimed_by"], "w1");
-    assert_eq!(claimed["execution_id"], execution_id.as_str());
-    assert!(claimed["started_at"].is_string(), "{claimed}");
+    let claimed = control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
+    assert_eq!(claimed.claimed_by.as_deref(), Some("w1"));
+    assert_eq!(claimed.execution_id, Some(execution_id));
+    assert!(claimed.started_at.is_some(), "{claimed:?}");
 
     // The run token opens exactly its own run, and its first use means the agent runs.
-    let own_path = format!("/api/v1/agent/runs/{run_id}");
-    for path in [
-        "/api/v1/agent/runs".to_string(),
-        format!("/api/v1/agent/runs/{second_id}"),
-    ] {
-        assert_error(
-            &control_plane.get(&path, Some(&run_token)).await,
-            403,
-            "forbidden",
-        );
+    let agent = control_plane.client_with_key(&run_token);
+    let (own, other) = (run_id.clone(), second_id.clone());
+    let refusals = blocking(&agent, move |agent| {
+        [
+            agent.list(&ListRuns::default()).map(drop),
+            agent.get(&other).map(drop),
+            agent.cancel(&own).map(drop),
+            agent.submit(&RunRequest::new("p", "w1")).map(drop),
+        ]
+    })
+    .await;
+    for refusal in refusals {
+        assert_refused(refusal, 403, "forbidden");
     }
-    let own_cancel = control_plane
-        .post(&format!("{own_path}/cancel"), Some(&run_token), "")
-        .await;
-    assert_error(&own_cancel, 403, "forbidden");
-    let creation = control_plane
-        .post("/api/v1/agent/runs", Some(&run_token), &body.to_string())
-        .await;
-    assert_error(&creation, 403, "forbidden");
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "CLAIMED");
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Claimed
+    );
 
-    let by_agent = control_plane.get(&own_path, Some(&run_token)).await;
-    assert_eq!(by_agent.status, 200, "{by_agent:?}");
-    assert_eq!(by_agent.body["state"], "INPROGRESS");
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "INPROGRESS");
+    let own = run_id.clone();
+    let by_agent = blocking(&agent, move |agent| agent.get(&own))
+        .await
+        .unwrap();
+    assert_eq!(by_agent.state, RunState::InProgress);
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::InProgress
+    );
 
     worker.send(WorkerMessage::completed(&run_id)).await;
-    let done = control_plane.wait_for_state(&run_id, "SUCCEEDED").await;
-    assert_eq!(done["status_message"], Value::Null);
-    assert_eq!(done["failure_reason"], Value::Null);
-    assert_eq!(done["claimed_by"], "w1");
+    let done = control_plane
+        .wait_for_state(&run_id, RunState::Succeeded)
+        .await;
+    assert_eq!(done.status_message, None);
+    assert_eq!(done.failure_reason, None);
+    assert_eq!(done.claimed_by.as_deref(), Some("w1"));
 
     // A repeated report is ignored and the connection keeps working.
     worker
@@ -104,11 +112,16 @@ async fn a_run_goes_from_queued_through_claimed_and_in_progress_to_succeeded() {
         ))
         .await;
     worker.send(WorkerMessage::claimed(&second_id, "w1")).await;
-    control_plane.wait_for_state(&second_id, "CLAIMED").await;
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "SUCCEEDED");
+    control_plane
+        .wait_for_state(&second_id, RunState::Claimed)
+        .await;
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Succeeded
+    );
 
     let cancel = control_plane.cancel(&run_id).await;
-    assert_error(&cancel, 400, "run_already_finished");
+    assert_refused(cancel, 400, "run_already_finished");
     control_plane.stop().await;
 }
 
@@ -120,7 +133,9 @@ async fn a_failure_is_recorded_with_its_reason_and_exit_code() {
     assert_eq!(worker.claim_next("w1").await, with_exit);
     let without_exit = control_plane.create_run_id("two", "w1").await;
     assert_eq!(worker.claim_next("w1").await, without_exit);
-    control_plane.wait_for_state(&without_exit, "CLAIMED").await;
+    control_plane
+        .wait_for_state(&without_exit, RunState::Claimed)
+        .await;
 
     let message = "Failed to execute task: container exited with non-zero status: 137";
     worker
@@ -140,17 +155,24 @@ async fn a_failure_is_recorded_with_its_reason_and_exit_code() {
         ))
         .await;
 
-    let failed = control_plane.wait_for_state(&with_exit, "FAILED").await;
+    let failed = control_plane
+        .wait_for_state(&with_exit, RunState::Failed)
+        .await;
     assert_eq!(
-        failed["status_message"],
-        json!({"message": message, "error_code": "container_exit"})
+        failed.status_message,
+        Some(StatusMessage {
+            message: message.into(),
+            error_code: Some("container_exit".into())
+        })
     );
-    assert_eq!(failed["failure_reason"], "container_exit");
-    assert_eq!(failed["exit_code"], 137);
+    assert_eq!(failed.failure_reason.as_deref(), Some("container_exit"));
+    assert_eq!(failed.exit_code, Some(137));
 
-    let failed = control_plane.wait_for_state(&without_exit, "FAILED").await;
-    assert_eq!(failed["failure_reason"], "image_pull");
-    assert_eq!(failed["exit_code"], Value::Null);
+    let failed = control_plane
+        .wait_for_state(&without_exit, RunState::Failed)
+        .await;
+    assert_eq!(failed.failure_reason.as_deref(), Some("image_pull"));
+    assert_eq!(failed.exit_code, None);
     control_plane.stop().await;
 }
 
@@ -176,12 +198,17 @@ async fn a_rejected_run_stays_queued_and_is_offered_again_after_the_delay() {
         second["execution_id"], first["execution_id"],
         "each offer is a new execution"
     );
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "QUEUED");
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Queued
+    );
 
     // Claiming with the first offer's connection still works: it is the same connection.
     worker.send(WorkerMessage::claimed(&run_id, "w1")).await;
-    let claimed = control_plane.wait_for_state(&run_id, "CLAIMED").await;
-    assert_eq!(claimed["execution_id"], second["execution_id"]);
+    let claimed = control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
+    assert_eq!(claimed.execution_id, Some(text(&second["execution_id"])));
     control_plane.stop().await;
 }
 
@@ -252,8 +279,10 @@ async fn an_unclaimed_offer_returns_to_the_queue_when_its_connection_drops() {
     assert_eq!(second["task_id"], run_id.as_str());
     assert_ne!(second["execution_id"], first["execution_id"]);
     staying.send(WorkerMessage::claimed(&run_id, "w1")).await;
-    let claimed = control_plane.wait_for_state(&run_id, "CLAIMED").await;
-    assert_eq!(claimed["execution_id"], second["execution_id"]);
+    let claimed = control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
+    assert_eq!(claimed.execution_id, Some(text(&second["execution_id"])));
     control_plane.stop().await;
 }
 
@@ -267,10 +296,15 @@ async fn a_claim_from_a_connection_the_run_was_not_offered_to_is_ignored() {
     intruder.send(WorkerMessage::claimed(&run_id, "w1")).await;
     intruder.send(WorkerMessage::completed(&run_id)).await;
     intruder.expect_silence(QUIET).await;
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "QUEUED");
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Queued
+    );
 
     offered.send(WorkerMessage::claimed(&run_id, "w1")).await;
-    control_plane.wait_for_state(&run_id, "CLAIMED").await;
+    control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
     control_plane.stop().await;
 }
 
@@ -280,22 +314,26 @@ async fn cancelling_a_claimed_run_asks_its_worker_and_waits_for_the_report() {
     let mut worker = FakeWorker::connect(&control_plane, "w1").await;
     let run_id = control_plane.create_run_id("p", "w1").await;
     worker.claim_next("w1").await;
-    control_plane.wait_for_state(&run_id, "CLAIMED").await;
+    control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
 
-    let reply = control_plane.cancel(&run_id).await;
-    assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(reply.body, json!({"run_id": run_id}));
+    let reply = control_plane.cancel(&run_id).await.unwrap();
+    assert_eq!(reply.run_id, run_id);
     worker.expect_cancellation_of(&run_id).await;
     let pending = control_plane.run_item(&run_id).await;
     assert_eq!(
-        pending["state"], "CLAIMED",
+        pending.state,
+        RunState::Claimed,
         "the worker has not answered yet"
     );
-    assert_eq!(pending["cancel_requested"], true);
+    assert!(pending.cancel_requested);
 
     worker.send(WorkerMessage::cancelled(&run_id)).await;
-    let cancelled = control_plane.wait_for_state(&run_id, "CANCELLED").await;
-    assert_eq!(cancelled["status_message"], Value::Null);
+    let cancelled = control_plane
+        .wait_for_state(&run_id, RunState::Cancelled)
+        .await;
+    assert_eq!(cancelled.status_message, None);
     control_plane.stop().await;
 }
 
@@ -305,18 +343,25 @@ async fn a_cancellation_waits_for_a_disconnected_worker_to_come_back() {
     let mut worker = FakeWorker::connect(&control_plane, "w1").await;
     let run_id = control_plane.create_run_id("p", "w1").await;
     worker.claim_next("w1").await;
-    control_plane.wait_for_state(&run_id, "CLAIMED").await;
+    control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
     worker.close().await;
 
-    assert_eq!(control_plane.cancel(&run_id).await.status, 200);
+    control_plane.cancel(&run_id).await.unwrap();
     let mut bystander = FakeWorker::connect(&control_plane, "other").await;
     let mut reconnected = FakeWorker::connect(&control_plane, "w1").await;
     reconnected.expect_cancellation_of(&run_id).await;
     bystander.expect_silence(QUIET).await;
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "CLAIMED");
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Claimed
+    );
 
     reconnected.send(WorkerMessage::cancelled(&run_id)).await;
-    control_plane.wait_for_state(&run_id, "CANCELLED").await;
+    control_plane
+        .wait_for_state(&run_id, RunState::Cancelled)
+        .await;
     control_plane.stop().await;
 }
 
@@ -326,16 +371,19 @@ async fn a_late_claim_of_a_cancelled_run_is_answered_with_a_cancellation() {
     let mut worker = FakeWorker::connect(&control_plane, "w1").await;
     let run_id = control_plane.create_run_id("p", "w1").await;
     worker.expect_assignment().await;
-    assert_eq!(control_plane.cancel(&run_id).await.status, 200);
-    assert_eq!(control_plane.run_item(&run_id).await["state"], "CANCELLED");
+    control_plane.cancel(&run_id).await.unwrap();
+    assert_eq!(
+        control_plane.run_item(&run_id).await.state,
+        RunState::Cancelled
+    );
 
     worker.send(WorkerMessage::claimed(&run_id, "w1")).await;
     worker.expect_cancellation_of(&run_id).await;
     worker.send(WorkerMessage::cancelled(&run_id)).await;
     worker.expect_silence(QUIET).await;
     let run = control_plane.run_item(&run_id).await;
-    assert_eq!(run["state"], "CANCELLED");
-    assert_eq!(run["claimed_by"], Value::Null);
+    assert_eq!(run.state, RunState::Cancelled);
+    assert_eq!(run.claimed_by, None);
     control_plane.stop().await;
 }
 
@@ -367,8 +415,12 @@ async fn malformed_frames_are_ignored_and_the_connection_keeps_working() {
         .await;
 
     worker.send(WorkerMessage::claimed(&run_id, "w1")).await;
-    control_plane.wait_for_state(&run_id, "CLAIMED").await;
+    control_plane
+        .wait_for_state(&run_id, RunState::Claimed)
+        .await;
     worker.send(WorkerMessage::completed(&run_id)).await;
-    control_plane.wait_for_state(&run_id, "SUCCEEDED").await;
+    control_plane
+        .wait_for_state(&run_id, RunState::Succeeded)
+        .await;
     control_plane.stop().await;
 }

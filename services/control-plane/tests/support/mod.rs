@@ -9,12 +9,16 @@ use std::path::Path;
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use ozfleet_control_plane::client::{ClientError, RunClient};
+use ozfleet_control_plane::run_api::{
+    ListRuns, RunCancelled, RunCreated, RunItem, RunPage, RunRequest, RunState,
+};
 use ozfleet_control_plane::{ControlPlaneConfig, run};
 use ozfleet_proto::oz::{WORKER_WEB_SOCKET_PATH, WorkerMessage};
 use serde_json::{Value, json};
 use tempfile::TempDir;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio::time::{Instant, sleep, timeout};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -29,7 +33,11 @@ pub const PATIENCE: Duration = Duration::from_secs(5);
 pub struct ControlPlane {
     pub address: SocketAddr,
     shutdown: CancellationToken,
-    server: JoinHandle<anyhow::Result<()>>,
+    server: JoinSet<anyhow::Result<()>>,
+    /// The run API client, with the API key.
+    client: RunClient,
+    /// Raw HTTP for what the typed client does not send: missing or forged credentials,
+    /// malformed bodies, unknown routes.
     http: ureq::Agent,
     /// Keeps a fresh database alive for as long as the control plane runs.
     _database_directory: Option<TempDir>,
@@ -59,7 +67,8 @@ impl ControlPlane {
             ..ControlPlaneConfig::new(API_KEY, database_path)
         };
         let shutdown = CancellationToken::new();
-        let server = tokio::spawn(run(listener, config, shutdown.clone()));
+        let mut server = JoinSet::new();
+        server.spawn(run(listener, config, shutdown.clone()));
         let http = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(PATIENCE))
@@ -69,17 +78,19 @@ impl ControlPlane {
             address,
             shutdown,
             server,
+            client: client(address, API_KEY),
             http,
             _database_directory: None,
         }
     }
 
     /// Stops the control plane and checks that it shut down cleanly.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        timeout(PATIENCE, self.server)
+        timeout(PATIENCE, self.server.join_next())
             .await
             .expect("the control plane stops promptly")
+            .expect("the control plane was started")
             .expect("the control plane task does not panic")
             .expect("the control plane stops without error");
     }
@@ -88,9 +99,14 @@ impl ControlPlane {
         format!("http://{}{path}", self.address)
     }
 
+    /// A run API client presenting `api_key` (the API key or a run token).
+    pub fn client_with_key(&self, api_key: &str) -> RunClient {
+        client(self.address, api_key)
+    }
+
     pub async fn get(&self, path: &str, bearer: Option<&str>) -> Reply {
         let (http, url, bearer) = (self.http.clone(), self.url(path), bearer.map(str::to_owned));
-        blocking(move || {
+        raw(move || {
             let mut request = http.get(&url);
             if let Some(token) = bearer {
                 request = request.header("Authorization", format!("Bearer {token}"));
@@ -107,7 +123,7 @@ impl ControlPlane {
             bearer.map(str::to_owned),
             body.to_owned(),
         );
-        blocking(move || {
+        raw(move || {
             let mut request = http.post(&url).header("Content-Type", "application/json");
             if let Some(token) = bearer {
                 request = request.header("Authorization", format!("Bearer {token}"));
@@ -117,55 +133,73 @@ impl ControlPlane {
         .await
     }
 
-    /// Creates a run for `worker_host` and returns the response body.
-    pub async fn create_run(&self, prompt: &str, worker_host: &str) -> Value {
-        let body = json!({"prompt": prompt, "config": {"worker_host": worker_host}});
-        let reply = self
-            .post("/api/v1/agent/runs", Some(API_KEY), &body.to_string())
-            .await;
-        assert_eq!(reply.status, 200, "{reply:?}");
-        reply.body
+    /// Submits a run and returns the answer.
+    pub async fn submit(&self, request: RunRequest) -> RunCreated {
+        blocking(&self.client, move |client| client.submit(&request))
+            .await
+            .expect("the run is queued")
+    }
+
+    /// Creates a run of `prompt` for `worker_host`.
+    pub async fn create_run(&self, prompt: &str, worker_host: &str) -> RunCreated {
+        self.submit(RunRequest::new(prompt, worker_host)).await
     }
 
     pub async fn create_run_id(&self, prompt: &str, worker_host: &str) -> String {
-        text(&self.create_run(prompt, worker_host).await["run_id"])
+        self.create_run(prompt, worker_host).await.run_id
     }
 
-    pub async fn run_item(&self, run_id: &str) -> Value {
-        let reply = self
-            .get(&format!("/api/v1/agent/runs/{run_id}"), Some(API_KEY))
-            .await;
-        assert_eq!(reply.status, 200, "{reply:?}");
-        reply.body
+    pub async fn run_item(&self, run_id: &str) -> RunItem {
+        let run_id = run_id.to_owned();
+        blocking(&self.client, move |client| client.get(&run_id))
+            .await
+            .expect("the run is read")
     }
 
-    pub async fn cancel(&self, run_id: &str) -> Reply {
-        self.post(
-            &format!("/api/v1/agent/runs/{run_id}/cancel"),
-            Some(API_KEY),
-            "",
-        )
-        .await
+    pub async fn list(&self, query: ListRuns) -> RunPage {
+        blocking(&self.client, move |client| client.list(&query))
+            .await
+            .expect("the runs are listed")
+    }
+
+    pub async fn cancel(&self, run_id: &str) -> Result<RunCancelled, ClientError> {
+        let run_id = run_id.to_owned();
+        blocking(&self.client, move |client| client.cancel(&run_id)).await
     }
 
     /// Polls the run until it reaches `state`, and returns it.
-    pub async fn wait_for_state(&self, run_id: &str, state: &str) -> Value {
+    pub async fn wait_for_state(&self, run_id: &str, state: RunState) -> RunItem {
         let deadline = Instant::now() + PATIENCE;
         loop {
             let run = self.run_item(run_id).await;
-            if run["state"] == state {
+            if run.state == state {
                 return run;
             }
             assert!(
                 Instant::now() < deadline,
-                "run {run_id} never reached {state}: {run}"
+                "run {run_id} never reached {state}: {run:?}"
             );
             sleep(Duration::from_millis(20)).await;
         }
     }
 }
 
-async fn blocking<F>(call: F) -> Reply
+fn client(address: SocketAddr, api_key: &str) -> RunClient {
+    RunClient::new(format!("http://{address}"), api_key.into()).with_timeout(PATIENCE)
+}
+
+/// Runs a blocking client call off the runtime's worker threads.
+pub async fn blocking<T: Send + 'static>(
+    client: &RunClient,
+    call: impl FnOnce(&RunClient) -> T + Send + 'static,
+) -> T {
+    let client = client.clone();
+    tokio::task::spawn_blocking(move || call(&client))
+        .await
+        .expect("the client call does not panic")
+}
+
+async fn raw<F>(call: F) -> Reply
 where
     F: FnOnce() -> Result<ureq::http::Response<ureq::Body>, ureq::Error> + Send + 'static,
 {
@@ -192,6 +226,20 @@ pub fn assert_error(reply: &Reply, status: u16, code: &str) -> String {
     assert_eq!(reply.status, status, "{reply:?}");
     assert_eq!(reply.body["error"], code, "{reply:?}");
     text(&reply.body["message"])
+}
+
+/// Asserts that a client call failed with this status and error code, and returns the
+/// message.
+pub fn assert_refused<T: std::fmt::Debug>(
+    result: Result<T, ClientError>,
+    status: u16,
+    code: &str,
+) -> String {
+    let error = result.expect_err("the call is refused");
+    assert_eq!(error.status(), Some(status), "{error}");
+    let body = error.api_error().expect("the refusal is an API error");
+    assert_eq!(body.error, code, "{error}");
+    body.message
 }
 
 /// A worker connection driven by the test.

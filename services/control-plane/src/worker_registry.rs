@@ -31,7 +31,7 @@ struct ReofferDelay {
 }
 
 #[derive(Default)]
-pub struct Fleet {
+pub struct WorkerRegistry {
     /// Ordered so that round-robin walks connections in a stable order.
     connections: BTreeMap<ConnectionId, WorkerConnection>,
     next_connection_id: ConnectionId,
@@ -42,7 +42,7 @@ pub struct Fleet {
     reoffer_delays: HashMap<String, ReofferDelay>,
 }
 
-impl Fleet {
+impl WorkerRegistry {
     pub fn connect(&mut self, worker_id: &str, outbox: UnboundedSender<String>) -> ConnectionId {
         let id = self.next_connection_id;
         self.next_connection_id += 1;
@@ -196,9 +196,12 @@ mod tests {
     use super::*;
     use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-    fn connect(fleet: &mut Fleet, worker_id: &str) -> (ConnectionId, UnboundedReceiver<String>) {
+    fn connect(
+        workers: &mut WorkerRegistry,
+        worker_id: &str,
+    ) -> (ConnectionId, UnboundedReceiver<String>) {
         let (outbox, frames) = unbounded_channel();
-        (fleet.connect(worker_id, outbox), frames)
+        (workers.connect(worker_id, outbox), frames)
     }
 
     fn offer_to(connection: ConnectionId) -> Offer {
@@ -210,68 +213,68 @@ mod tests {
 
     #[test]
     fn round_robin_spreads_offers_across_connections_of_one_worker() {
-        let mut fleet = Fleet::default();
-        let (first, _f1) = connect(&mut fleet, "w");
-        let (_other, _f2) = connect(&mut fleet, "other");
-        let (second, _f3) = connect(&mut fleet, "w");
+        let mut workers = WorkerRegistry::default();
+        let (first, _f1) = connect(&mut workers, "w");
+        let (_other, _f2) = connect(&mut workers, "other");
+        let (second, _f3) = connect(&mut workers, "w");
         let chosen: Vec<_> = (0..4)
-            .map(|_| fleet.next_connection_for("w").unwrap())
+            .map(|_| workers.next_connection_for("w").unwrap())
             .collect();
         assert_eq!(chosen, vec![first, second, first, second]);
-        assert_eq!(fleet.next_connection_for("absent"), None);
-        assert_eq!(fleet.connected_worker_ids(), vec!["other", "w"]);
+        assert_eq!(workers.next_connection_for("absent"), None);
+        assert_eq!(workers.connected_worker_ids(), vec!["other", "w"]);
     }
 
     #[test]
     fn disconnecting_withdraws_unanswered_offers_only_of_that_connection() {
-        let mut fleet = Fleet::default();
-        let (first, _f1) = connect(&mut fleet, "w");
-        let (second, _f2) = connect(&mut fleet, "w");
-        fleet.record_offer("a", offer_to(first));
-        fleet.record_offer("b", offer_to(second));
-        assert_eq!(fleet.disconnect(first), vec!["a".to_string()]);
-        assert!(!fleet.has_offer("a"));
-        assert!(fleet.has_offer("b"));
-        assert!(fleet.is_connected("w"));
-        fleet.disconnect(second);
-        assert!(!fleet.is_connected("w"));
+        let mut workers = WorkerRegistry::default();
+        let (first, _f1) = connect(&mut workers, "w");
+        let (second, _f2) = connect(&mut workers, "w");
+        workers.record_offer("a", offer_to(first));
+        workers.record_offer("b", offer_to(second));
+        assert_eq!(workers.disconnect(first), vec!["a".to_string()]);
+        assert!(!workers.has_offer("a"));
+        assert!(workers.has_offer("b"));
+        assert!(workers.is_connected("w"));
+        workers.disconnect(second);
+        assert!(!workers.is_connected("w"));
     }
 
     #[test]
     fn offers_are_taken_only_by_the_connection_they_were_made_to() {
-        let mut fleet = Fleet::default();
-        let (first, _f1) = connect(&mut fleet, "w");
-        let (second, _f2) = connect(&mut fleet, "w");
-        fleet.record_offer("a", offer_to(first));
-        assert_eq!(fleet.take_offer("a", second), None);
-        assert_eq!(fleet.take_offer("a", first), Some(offer_to(first)));
-        assert_eq!(fleet.take_offer("a", first), None);
+        let mut workers = WorkerRegistry::default();
+        let (first, _f1) = connect(&mut workers, "w");
+        let (second, _f2) = connect(&mut workers, "w");
+        workers.record_offer("a", offer_to(first));
+        assert_eq!(workers.take_offer("a", second), None);
+        assert_eq!(workers.take_offer("a", first), Some(offer_to(first)));
+        assert_eq!(workers.take_offer("a", first), None);
     }
 
     #[test]
     fn frames_for_a_claimed_run_go_to_its_holder_or_else_to_its_worker() {
-        let mut fleet = Fleet::default();
-        let (holder, mut holder_frames) = connect(&mut fleet, "w");
-        let (_sibling, mut sibling_frames) = connect(&mut fleet, "w");
-        fleet.set_holder("a", holder);
-        assert_eq!(fleet.send_to_holder("a", "w", "first".into()), 1);
+        let mut workers = WorkerRegistry::default();
+        let (holder, mut holder_frames) = connect(&mut workers, "w");
+        let (_sibling, mut sibling_frames) = connect(&mut workers, "w");
+        workers.set_holder("a", holder);
+        assert_eq!(workers.send_to_holder("a", "w", "first".into()), 1);
         assert_eq!(holder_frames.try_recv().unwrap(), "first");
         assert!(sibling_frames.try_recv().is_err());
 
-        fleet.disconnect(holder);
-        assert_eq!(fleet.send_to_holder("a", "w", "second".into()), 1);
+        workers.disconnect(holder);
+        assert_eq!(workers.send_to_holder("a", "w", "second".into()), 1);
         assert_eq!(sibling_frames.try_recv().unwrap(), "second");
-        assert_eq!(fleet.send_to_holder("a", "nobody", "third".into()), 0);
+        assert_eq!(workers.send_to_holder("a", "nobody", "third".into()), 0);
     }
 
     #[test]
     fn a_finished_run_ends_the_reoffer_delays_of_its_worker() {
-        let mut fleet = Fleet::default();
+        let mut workers = WorkerRegistry::default();
         let later = Instant::now() + std::time::Duration::from_secs(60);
-        fleet.delay_reoffer("a", "w", later);
-        fleet.delay_reoffer("b", "other", later);
-        fleet.end_reoffer_delays_for("w");
-        assert_eq!(fleet.reoffer_not_before("a"), None);
-        assert_eq!(fleet.reoffer_not_before("b"), Some(later));
+        workers.delay_reoffer("a", "w", later);
+        workers.delay_reoffer("b", "other", later);
+        workers.end_reoffer_delays_for("w");
+        assert_eq!(workers.reoffer_not_before("a"), None);
+        assert_eq!(workers.reoffer_not_before("b"), Some(later));
     }
 }
