@@ -230,8 +230,23 @@ fn kept_containers_of_reported_tasks_are_not_reported_again_after_a_restart() {
         1,
         "--no-cleanup keeps the container"
     );
-    // Let the acknowledgement reach the agent before it dies.
-    std::thread::sleep(Duration::from_millis(300));
+    // The agent must have recorded the gateway's acknowledgement before it dies: that
+    // record is what tells the restarted agent the kept container was reported.
+    let reported = stack
+        .dir
+        .path()
+        .join("docker-e-state")
+        .join("reported-executions");
+    common::wait_until(
+        Duration::from_secs(15),
+        "the agent to record the acknowledged outcome",
+        || {
+            std::fs::read_to_string(&reported).is_ok_and(|log| {
+                log.lines()
+                    .any(|line| line.starts_with(&format!("{run}\t")))
+            })
+        },
+    );
     agent.kill();
 
     let agent = docker_agent(&stack, "docker-e", &["--no-cleanup"]);

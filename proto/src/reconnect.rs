@@ -1,9 +1,12 @@
-//! The reconnect policy shared by both dialers: the gateway dialing Oz and node agents
-//! dialing the gateway.
+//! The reconnect policy shared by both dialers, the gateway dialing Oz and node agents
+//! dialing the gateway: [`Backoff`] and the loop that applies it, [`reconnect_loop`].
 
+use std::future::Future;
 use std::time::Duration;
 
 use rand::Rng;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
 
 /// Exponential backoff with jitter. Jitter keeps a fleet of dialers from reconnecting
 /// in lockstep after a shared outage.
@@ -48,8 +51,43 @@ impl Backoff {
     }
 }
 
+/// Keeps a connection up until `stop`: calls `connect_and_serve`, which dials, serves the
+/// connection until it ends and returns when it came up (`None` when it never did); then,
+/// unless `stop` fired, waits the jittered backoff delay and calls it again. A connection
+/// that stayed up for `stable_after` resets the backoff first, so the next attempt comes
+/// after the initial delay; that delay is still jittered, so dialers that lost a shared
+/// peer at the same moment do not come back in lockstep.
+///
+/// `connect_and_serve` is never cancelled by this loop: it watches `stop` itself, so it
+/// can end its connection cleanly. Time is tokio's, so paused-time tests drive it.
+pub async fn reconnect_loop<F, Fut>(
+    mut backoff: Backoff,
+    stable_after: Duration,
+    stop: &CancellationToken,
+    mut connect_and_serve: F,
+) where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<Instant>>,
+{
+    while !stop.is_cancelled() {
+        let connected_at = connect_and_serve().await;
+        if stop.is_cancelled() {
+            break;
+        }
+        if connected_at.is_some_and(|at| at.elapsed() >= stable_after) {
+            backoff.reset();
+        }
+        tokio::select! {
+            () = tokio::time::sleep(backoff.next_delay()) => {}
+            () = stop.cancelled() => break,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    use std::sync::{Arc, Mutex};
+
     use super::*;
 
     #[test]
@@ -68,5 +106,88 @@ mod tests {
         assert_eq!(nominals, vec![1, 2, 4, 8, 16, 32, 60, 60, 60]);
         backoff.reset();
         assert_eq!(backoff.current(), Duration::from_secs(1));
+    }
+
+    /// Records when each attempt starts; `up_for` says how long each attempt stays
+    /// connected (`None`: the dial fails).
+    async fn attempts(up_for: Vec<Option<Duration>>) -> Vec<Duration> {
+        let stop = CancellationToken::new();
+        let start = Instant::now();
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let plan = Arc::new(Mutex::new(up_for.into_iter()));
+        reconnect_loop(
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
+            Duration::from_secs(10),
+            &stop,
+            || {
+                let (stop, starts, plan) = (stop.clone(), starts.clone(), plan.clone());
+                async move {
+                    starts.lock().unwrap().push(start.elapsed());
+                    let Some(next) = plan.lock().unwrap().next() else {
+                        stop.cancel();
+                        return None;
+                    };
+                    let up_for = next?;
+                    let connected_at = Instant::now();
+                    tokio::time::sleep(up_for).await;
+                    Some(connected_at)
+                }
+            },
+        )
+        .await;
+        Arc::try_unwrap(starts).unwrap().into_inner().unwrap()
+    }
+
+    fn assert_within(gap: Duration, nominal_secs: f64) {
+        let nominal = Duration::from_secs_f64(nominal_secs);
+        assert!(
+            gap >= nominal / 2 && gap <= nominal,
+            "{gap:?} not in [{:?}, {nominal:?}]",
+            nominal / 2
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn failures_back_off_and_a_stable_connection_resets_the_delay() {
+        let starts = attempts(vec![None, None, None, Some(Duration::from_secs(30)), None]).await;
+        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps.len(), 5, "{gaps:?}");
+        assert_within(gaps[0], 1.0);
+        assert_within(gaps[1], 2.0);
+        assert_within(gaps[2], 4.0);
+        // Up for 30 s (stable): the delay is back to the initial one.
+        assert_within(gaps[3] - Duration::from_secs(30), 1.0);
+        assert_within(gaps[4], 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_short_connection_keeps_backing_off() {
+        let starts = attempts(vec![None, Some(Duration::from_secs(2)), None]).await;
+        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_within(gaps[0], 1.0);
+        assert_within(gaps[1] - Duration::from_secs(2), 2.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stop_ends_the_wait_at_once() {
+        let stop = CancellationToken::new();
+        let started = Instant::now();
+        let mut calls = 0;
+        let reconnecting = reconnect_loop(
+            Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
+            Duration::from_secs(10),
+            &stop,
+            || {
+                calls += 1;
+                async { None }
+            },
+        );
+        let stopping = async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            stop.cancel();
+        };
+        tokio::join!(reconnecting, stopping);
+        assert_eq!(calls, 1);
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
     }
 }

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use ozfleet_control_plane::client::{ClientError, RunClient};
+use ozfleet_control_plane::run_api::{ListRuns, RunRequest};
 use serde_json::{Value, json};
 
 pub const API_KEY: &str = "e2e-api-key";
@@ -167,53 +169,25 @@ impl Drop for Proc {
     }
 }
 
-/// The run API of a control plane.
+/// The run API of a control plane, through the typed client. Runs come back as JSON
+/// values because the end-to-end tests (Direct and Docker) index them by field name.
 pub struct Api {
-    base_url: String,
-    agent: ureq::Agent,
+    client: RunClient,
 }
 
 impl Api {
     pub fn new(port: u16) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
         Self {
-            base_url: format!("http://127.0.0.1:{port}"),
-            agent,
+            client: RunClient::new(format!("http://127.0.0.1:{port}"), API_KEY.into()),
         }
     }
 
     pub fn is_up(&self) -> bool {
-        self.agent
-            .get(format!("{}/api/v1/agent/runs?limit=1", self.base_url))
-            .header("Authorization", &format!("Bearer {API_KEY}"))
-            .call()
-            .is_ok_and(|response| response.status().is_success())
-    }
-
-    fn call(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
-        let url = format!("{}{path}", self.base_url);
-        let auth = format!("Bearer {API_KEY}");
-        let result = match (method, body) {
-            ("GET", _) => self.agent.get(&url).header("Authorization", &auth).call(),
-            (_, Some(body)) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_json(body),
-            (_, None) => self
-                .agent
-                .post(&url)
-                .header("Authorization", &auth)
-                .send_empty(),
+        let probe = ListRuns {
+            limit: Some(1),
+            ..ListRuns::default()
         };
-        let mut response = result.unwrap_or_else(|error| panic!("{method} {url}: {error}"));
-        let status = response.status().as_u16();
-        let value = response.body_mut().read_json().unwrap_or(Value::Null);
-        (status, value)
+        self.client.list(&probe).is_ok()
     }
 
     pub fn create(&self, prompt: &str) -> String {
@@ -222,25 +196,38 @@ impl Api {
 
     /// Creates a run for the test worker with `config` merged into its config.
     pub fn create_with_config(&self, prompt: &str, config: Value) -> String {
-        let mut config = config;
-        config["worker_host"] = json!(WORKER_ID);
-        let (status, body) = self.call(
-            "POST",
-            "/api/v1/agent/runs",
-            Some(json!({ "prompt": prompt, "config": config })),
-        );
-        assert_eq!(status, 200, "create run: {body}");
-        body["run_id"].as_str().expect("run_id").to_owned()
+        let Value::Object(mut config) = config else {
+            panic!("a run's config is a JSON object, got {config}");
+        };
+        config.insert("worker_host".into(), json!(WORKER_ID));
+        let request = RunRequest {
+            prompt: prompt.into(),
+            title: None,
+            config,
+        };
+        match self.client.submit(&request) {
+            Ok(created) => created.run_id,
+            Err(error) => panic!("create run: {:#}", anyhow::Error::from(error)),
+        }
     }
 
     pub fn get(&self, run_id: &str) -> Value {
-        let (status, body) = self.call("GET", &format!("/api/v1/agent/runs/{run_id}"), None);
-        assert_eq!(status, 200, "get run {run_id}: {body}");
-        body
+        match self.client.get(run_id) {
+            Ok(run) => serde_json::to_value(run).expect("a run is JSON"),
+            Err(error) => panic!("get run {run_id}: {:#}", anyhow::Error::from(error)),
+        }
     }
 
+    /// The status and body of the answer to a cancellation.
     pub fn cancel(&self, run_id: &str) -> (u16, Value) {
-        self.call("POST", &format!("/api/v1/agent/runs/{run_id}/cancel"), None)
+        match self.client.cancel(run_id) {
+            Ok(cancelled) => (200, serde_json::to_value(cancelled).expect("JSON")),
+            Err(ClientError::Status { status, body, .. }) => (
+                status,
+                serde_json::from_str(&body).unwrap_or(Value::String(body)),
+            ),
+            Err(error) => panic!("cancel run {run_id}: {:#}", anyhow::Error::from(error)),
+        }
     }
 
     pub fn wait_for_state(&self, run_id: &str, state: &str, timeout: Duration) -> Value {
@@ -259,6 +246,8 @@ pub struct Stack {
     pub control_plane: Proc,
     pub gateway: Proc,
     pub gateway_port: u16,
+    /// The gateway's admin API (operators, grpcurl, the CLI).
+    pub admin_port: u16,
     pub http_port: u16,
     pub api: Api,
 }
@@ -296,6 +285,7 @@ impl Stack {
         );
 
         let gateway_port = free_port();
+        let admin_port = free_port();
         let gateway = Proc::spawn(
             "gateway",
             dir.path(),
@@ -309,6 +299,8 @@ impl Stack {
                 &format!("http://127.0.0.1:{http_port}"),
                 "--listen",
                 &format!("127.0.0.1:{gateway_port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin_port}"),
             ],
             &[
                 ("WARP_API_KEY", API_KEY),
@@ -321,6 +313,7 @@ impl Stack {
             control_plane,
             gateway,
             gateway_port,
+            admin_port,
             http_port,
             api,
         }

@@ -34,11 +34,13 @@ use bollard::models::EventMessage;
 use bollard::query_parameters::{EventsOptions, RemoveContainerOptions, StopContainerOptions};
 use docker_support::{BUSYBOX, Node, SIDECAR, task};
 use futures::{Stream, StreamExt as _};
-use ozfleet_agent::backend::DockerBackend;
 use ozfleet_agent::backend::docker::{
     LABEL_EXECUTION_ID, LABEL_MANAGED, LABEL_NODE_ID, LABEL_TASK_ID,
 };
+use ozfleet_agent::backend::{DockerBackend, TaskBackend as _};
+use secrecy::ExposeSecret as _;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 type Events = Pin<Box<dyn Stream<Item = Result<EventMessage, DockerError>> + Send>>;
 
@@ -61,7 +63,7 @@ async fn main() {
     let node = Node::new().await;
     let mut config = node.config();
     config.stop_grace = Duration::from_secs(1);
-    config.network_mode = network.clone();
+    config.settings.network_mode = network.clone();
     let backend = Arc::new(
         DockerBackend::new(config)
             .await
@@ -138,12 +140,13 @@ async fn main() {
 
 /// One `execute()` until its container runs; then cancels it (which stops and removes it).
 async fn ours(backend: &Arc<DockerBackend>, events: &mut Events, node_id: &str) -> Duration {
+    let tasks = TaskTracker::new();
     let run = task(PROMPT);
     let execution_id = run.execution_id.clone();
     let task_id = run.task_id.clone();
     let cancel = CancellationToken::new();
     let started = Instant::now();
-    let execution = tokio::spawn({
+    let execution = tasks.spawn({
         let backend = Arc::clone(backend);
         let cancel = cancel.clone();
         async move { backend.execute(run, cancel).await }
@@ -184,7 +187,7 @@ async fn cli_run(
         command.args(["--network", network]);
     }
     for (key, value) in &run.env {
-        command.args(["-e", &format!("{key}={value}")]);
+        command.args(["-e", &format!("{key}={}", value.expose_secret())]);
     }
     command
         .arg(BUSYBOX)

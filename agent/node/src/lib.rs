@@ -1,4 +1,10 @@
 //! ozfleet node agent: dials the gateway, advertises its capacity and runs tasks.
+//!
+//! - [`node`]: the session with the gateway (attach, reconnect, accept, report, drain);
+//! - [`backend`]: the [`TaskBackend`](backend::TaskBackend) trait, the Direct and Docker
+//!   backends and building one from the worker configuration;
+//! - [`argv`], [`task_env`], [`images`]: what a task runs with (spec §3);
+//! - [`identity`], [`reported`]: what the node keeps in its state directory.
 
 pub mod argv;
 pub mod backend;
@@ -8,4 +14,4 @@ pub mod node;
 pub mod reported;
 pub mod task_env;
 
-pub use node::{CancelSource, NodeConfig, run};
+pub use node::{CancelSource, GatewayConnector, GrpcConnector, NodeConfig, run};

@@ -1,28 +1,45 @@
-//! The node agent: keeps one attach stream to the gateway, announces its full state on
-//! every (re)connect, runs the tasks it accepts and reports each outcome until the gateway
-//! acknowledges it.
+//! The node agent's session with the gateway: keeps one attach stream up, announces its
+//! full state on every (re)connect, runs the tasks it accepts under supervision and
+//! reports each outcome until the gateway acknowledges it.
+//!
+//! Its two edges are injected, so the whole session runs in a test without sockets or
+//! processes: the backend ([`TaskBackend`]) and the connection ([`GatewayConnector`];
+//! [`GrpcConnector`] in production). Its timers are tokio's, so tests drive them with
+//! paused time.
+//!
+//! Every task run is owned by the node's [`TaskTracker`]: a run that panics (in the
+//! backend, or while building its argv or environment) becomes a `failed` outcome with
+//! reason `unknown` and frees its slot; a run still going after the shutdown grace is
+//! dropped when the node stops, never left detached.
 
 use std::collections::{BTreeMap, HashMap};
+use std::panic::AssertUnwindSafe;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 use anyhow::Context;
-
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::{FutureExt as _, StreamExt as _};
 use ozfleet_proto::oz::{self, FailureReason};
-use ozfleet_proto::reconnect::Backoff;
+use ozfleet_proto::reconnect::{Backoff, reconnect_loop};
 use ozfleet_proto::v1::node_service_client::NodeServiceClient;
 use ozfleet_proto::v1::{
-    self, AttachRequest, NodeHello, TaskOutcome, TaskRef, attach_request, attach_response,
-    task_outcome,
+    self, AttachRequest, AttachResponse, NodeHello, TaskOutcome, TaskRef, attach_request,
+    attach_response, task_outcome,
 };
+use secrecy::{ExposeSecret as _, SecretString};
 use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tonic::metadata::MetadataValue;
 use tracing::{debug, error, info, warn};
 
 use crate::argv::{ArgvSettings, build_base_args};
-use crate::backend::{Backend, RecoveredTask, TaskFailure, TaskRun};
+use crate::backend::{RecoveredTask, TaskBackend, TaskFailure, TaskRun};
 use crate::identity::load_or_create_node_id;
 use crate::images;
 use crate::reported::ReportedLog;
@@ -33,12 +50,11 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 /// How long shutdown waits for the gateway to acknowledge the last outcomes.
 const ACK_WAIT: Duration = Duration::from_secs(3);
 const BACKEND_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Error text of a task run that panicked (no panic payload: it is not meant for Oz).
+const PANICKED_ERROR: &str = "the task run panicked";
 
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct NodeConfig {
-    /// e.g. `http://gateway.internal:7070`.
-    pub gateway_url: String,
-    pub join_token: String,
     pub state_dir: PathBuf,
     pub node_name: String,
     pub labels: BTreeMap<String, String>,
@@ -50,18 +66,71 @@ pub struct NodeConfig {
     pub shutdown_grace: Duration,
 }
 
-impl std::fmt::Debug for NodeConfig {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeConfig")
-            .field("gateway_url", &self.gateway_url)
-            .field("join_token", &"<redacted>")
-            .field("state_dir", &self.state_dir)
-            .field("node_name", &self.node_name)
-            .field("labels", &self.labels)
-            .field("max_concurrent_tasks", &self.max_concurrent_tasks)
-            .field("idle_on_complete", &self.idle_on_complete)
-            .field("shutdown_grace", &self.shutdown_grace)
-            .finish()
+/// The node's messages to the gateway, starting with its hello. (A concrete stream: tonic's
+/// attach future is provably `Send` with it, not with a boxed one.)
+pub type Outbound = UnboundedReceiverStream<AttachRequest>;
+/// The gateway's messages to the node; an error ends the session.
+pub type Inbound = BoxStream<'static, Result<AttachResponse, tonic::Status>>;
+
+/// Opens attach streams to the gateway, one per (re)connect.
+pub trait GatewayConnector: Send + Sync + 'static {
+    /// Dials and attaches, sending `outbound`; returns the gateway's side of the stream.
+    fn attach(&self, outbound: Outbound) -> BoxFuture<'_, anyhow::Result<Inbound>>;
+}
+
+/// The production connector: gRPC to the gateway, authenticated with the join token.
+pub struct GrpcConnector {
+    endpoint: tonic::transport::Endpoint,
+    join_token: SecretString,
+}
+
+impl GrpcConnector {
+    /// Checks the gateway URL (e.g. `http://gateway.internal:7070`) and that the token
+    /// can travel in gRPC metadata; nothing is dialled yet.
+    pub fn new(gateway_url: &str, join_token: SecretString) -> anyhow::Result<Self> {
+        let endpoint = tonic::transport::Endpoint::from_shared(gateway_url.to_owned())
+            .with_context(|| format!("invalid gateway URL {gateway_url:?}"))?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_keepalive(Some(Duration::from_secs(30)))
+            .http2_keep_alive_interval(Duration::from_secs(20))
+            .keep_alive_timeout(Duration::from_secs(20));
+        bearer(&join_token)?;
+        Ok(Self {
+            endpoint,
+            join_token,
+        })
+    }
+}
+
+/// The `authorization` value, marked sensitive so HTTP/2 never indexes it.
+fn bearer(join_token: &SecretString) -> anyhow::Result<MetadataValue<tonic::metadata::Ascii>> {
+    let mut value = MetadataValue::try_from(format!("Bearer {}", join_token.expose_secret()))
+        .map_err(|_| {
+            anyhow::anyhow!("the join token contains characters not allowed in gRPC metadata")
+        })?;
+    value.set_sensitive(true);
+    Ok(value)
+}
+
+impl GrpcConnector {
+    async fn dial(&self, outbound: Outbound) -> anyhow::Result<Inbound> {
+        info!("Connecting to gateway {}", self.endpoint.uri());
+        let channel = self.endpoint.connect().await?;
+        let mut request = tonic::Request::new(outbound);
+        request
+            .metadata_mut()
+            .insert("authorization", bearer(&self.join_token)?);
+        let inbound = NodeServiceClient::new(channel)
+            .attach(request)
+            .await?
+            .into_inner();
+        Ok(inbound.boxed())
+    }
+}
+
+impl GatewayConnector for GrpcConnector {
+    fn attach(&self, outbound: Outbound) -> BoxFuture<'_, anyhow::Result<Inbound>> {
+        Box::pin(self.dial(outbound))
     }
 }
 
@@ -104,25 +173,37 @@ struct Node {
     /// Identifies this process to the gateway, which refuses a second process claiming
     /// the same node id while one is attached.
     instance_id: String,
-    backend: Backend,
+    backend: Arc<dyn TaskBackend>,
+    connector: Arc<dyn GatewayConnector>,
     state: Mutex<NodeState>,
     changed: tokio::sync::Notify,
+    /// Owns every task run.
+    runs: TaskTracker,
+    /// Fired when the node stops: runs still going are dropped.
+    abandon: CancellationToken,
 }
 
 /// Runs the node agent until `shutdown`, then cancels its tasks, waits for them
 /// (bounded by `shutdown_grace`), delivers their outcomes and stops.
 pub async fn run(
     config: NodeConfig,
-    backend: Backend,
+    backend: Arc<dyn TaskBackend>,
+    connector: Arc<dyn GatewayConnector>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let node_id = load_or_create_node_id(&config.state_dir)?;
-    let reported = ReportedLog::open(&config.state_dir).with_context(|| {
-        format!(
-            "cannot read the reported executions in {}",
-            config.state_dir.display()
-        )
-    })?;
+    let state_dir = config.state_dir.clone();
+    let node_id = tokio::task::spawn_blocking(move || load_or_create_node_id(&state_dir))
+        .await
+        .context("reading the node identity did not finish")??;
+    let (reported, reported_writer) =
+        ReportedLog::open(&config.state_dir)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot read the reported executions in {}",
+                    config.state_dir.display()
+                )
+            })?;
     info!(
         node_id,
         node_name = config.node_name,
@@ -135,6 +216,7 @@ pub async fn run(
         node_id,
         instance_id: uuid::Uuid::new_v4().to_string(),
         backend,
+        connector,
         state: Mutex::new(NodeState {
             running: HashMap::new(),
             unacknowledged: BTreeMap::new(),
@@ -143,6 +225,8 @@ pub async fn run(
             reported,
         }),
         changed: tokio::sync::Notify::new(),
+        runs: TaskTracker::new(),
+        abandon: CancellationToken::new(),
     });
     // Tasks an earlier run of this agent left behind are resumed before the first hello,
     // so the gateway learns about them from the node's very first full-state report.
@@ -160,49 +244,52 @@ pub async fn run(
         }
         node.resume(task);
     }
-    let stop_connecting = CancellationToken::new();
-    let connection = tokio::spawn(node.clone().stay_connected(stop_connecting.clone()));
 
-    shutdown.cancelled().await;
-    node.drain().await;
-    stop_connecting.cancel();
-    let _ = connection.await;
+    let session = async {
+        let stop_connecting = CancellationToken::new();
+        let stopping = async {
+            shutdown.cancelled().await;
+            node.drain().await;
+            stop_connecting.cancel();
+        };
+        tokio::join!(node.stay_connected(&stop_connecting), stopping);
+        node.abandon.cancel();
+        node.runs.close();
+        node.runs.wait().await;
+        // Every acknowledgement is in; the writer finishes the queued records and ends.
+        node.lock().reported.close();
+    };
+    tokio::join!(session, reported_writer.run());
     node.backend.shutdown(BACKEND_SHUTDOWN_TIMEOUT).await;
     info!("Node agent stopped");
     Ok(())
 }
 
 impl Node {
+    /// A panic never happens under this lock (it guards plain data updates), so a
+    /// poisoned lock still holds consistent state.
     fn lock(&self) -> MutexGuard<'_, NodeState> {
-        self.state.lock().expect("node state lock poisoned")
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    async fn stay_connected(self: Arc<Self>, stop: CancellationToken) {
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        while !stop.is_cancelled() {
-            let started = Instant::now();
+    async fn stay_connected(self: &Arc<Self>, stop: &CancellationToken) {
+        let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
+        reconnect_loop(backoff, STABLE_CONNECTION, stop, || async {
+            let mut connected_at = None;
             let result = tokio::select! {
-                result = self.session() => result,
+                result = self.session(&mut connected_at) => result,
                 () = stop.cancelled() => Ok(()),
             };
             self.lock().link = None;
-            if stop.is_cancelled() {
-                break;
+            if !stop.is_cancelled() {
+                match result {
+                    Ok(()) => warn!("Gateway closed the attach stream; reconnecting"),
+                    Err(error) => error!("Gateway connection failed: {error:#}"),
+                }
             }
-            match result {
-                Ok(()) => warn!("Gateway closed the attach stream; reconnecting"),
-                Err(error) => error!("Gateway connection failed: {error}"),
-            }
-            if started.elapsed() >= STABLE_CONNECTION {
-                backoff.reset();
-            }
-            let delay = backoff.next_delay();
-            debug!("Reconnecting to the gateway in {delay:?}");
-            tokio::select! {
-                () = tokio::time::sleep(delay) => {}
-                () = stop.cancelled() => break,
-            }
-        }
+            connected_at
+        })
+        .await;
     }
 
     fn hello(&self, state: &NodeState) -> NodeHello {
@@ -226,28 +313,10 @@ impl Node {
         }
     }
 
-    async fn session(self: &Arc<Self>) -> anyhow::Result<()> {
-        let endpoint = tonic::transport::Endpoint::from_shared(self.config.gateway_url.clone())?
-            .connect_timeout(Duration::from_secs(5))
-            .tcp_keepalive(Some(Duration::from_secs(30)))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20));
-        info!("Connecting to gateway {}", self.config.gateway_url);
-        let channel = endpoint.connect().await?;
-        let mut client = NodeServiceClient::new(channel);
-
+    /// One attach stream, from the hello until the gateway ends it. `connected_at` is set
+    /// once the gateway accepted the stream.
+    async fn session(self: &Arc<Self>, connected_at: &mut Option<Instant>) -> anyhow::Result<()> {
         let (link, outbound) = tokio::sync::mpsc::unbounded_channel();
-        let mut request = tonic::Request::new(UnboundedReceiverStream::new(outbound));
-        request.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", self.config.join_token)
-                .parse()
-                .map_err(|_| {
-                    anyhow::anyhow!(
-                        "the join token contains characters not allowed in gRPC metadata"
-                    )
-                })?,
-        );
         {
             // The hello snapshot and the link switch happen under one lock so no outcome
             // falls between them.
@@ -258,9 +327,13 @@ impl Node {
             });
             state.link = Some(link);
         }
-        let mut inbound = client.attach(request).await?.into_inner();
-        while let Some(message) = inbound.message().await? {
-            match message.kind {
+        let mut inbound = self
+            .connector
+            .attach(UnboundedReceiverStream::new(outbound))
+            .await?;
+        *connected_at = Some(Instant::now());
+        while let Some(message) = inbound.next().await {
+            match message?.kind {
                 Some(attach_response::Kind::Welcome(welcome)) => info!(
                     node_id = self.node_id,
                     epoch = welcome.epoch,
@@ -277,12 +350,7 @@ impl Node {
                 ),
                 Some(attach_response::Kind::OutcomeAck(ack)) => {
                     let mut state = self.lock();
-                    if let Err(error) = state.reported.record(&ack.task_id, &ack.execution_id) {
-                        warn!(
-                            task_id = ack.task_id,
-                            "Cannot record the reported outcome: {error}"
-                        );
-                    }
+                    state.reported.record(&ack.task_id, &ack.execution_id);
                     state
                         .unacknowledged
                         .remove(&(ack.task_id, ack.execution_id));
@@ -351,10 +419,8 @@ impl Node {
             "Task accepted; starting it"
         );
         let node = self.clone();
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let result = node.execute(&assignment, cancel).await;
-            node.finish(&task_id, &execution_id, result, started.elapsed());
+        self.supervise(task_id, execution_id, async move {
+            node.execute(&assignment, cancel).await
         });
     }
 
@@ -376,9 +442,32 @@ impl Node {
             "Resuming a task left by an earlier run of this agent"
         );
         let node = self.clone();
-        tokio::spawn(async move {
+        self.supervise(task_id, execution_id, async move {
+            node.backend.resume(task, cancel).await
+        });
+    }
+
+    /// Runs a task in the node's tracker and reports how it ended, a panic included. The
+    /// run is dropped if it is still going when the node stops.
+    fn supervise(
+        self: &Arc<Self>,
+        task_id: String,
+        execution_id: String,
+        run: impl Future<Output = Result<(), TaskFailure>> + Send + 'static,
+    ) {
+        let node = self.clone();
+        self.runs.spawn(async move {
             let started = Instant::now();
-            let result = node.backend.resume(task, cancel).await;
+            let result = tokio::select! {
+                result = AssertUnwindSafe(run).catch_unwind() => result.unwrap_or_else(|_| {
+                    error!(task_id, execution_id, "Task run panicked; reporting it as failed");
+                    Err(TaskFailure::new(FailureReason::Unknown, PANICKED_ERROR))
+                }),
+                () = node.abandon.cancelled() => {
+                    warn!(task_id, "Task still running as the node stops; abandoning it");
+                    return;
+                }
+            };
             node.finish(&task_id, &execution_id, result, started.elapsed());
         });
     }
@@ -529,7 +618,7 @@ impl Node {
     }
 
     async fn wait_until(&self, timeout: Duration, done: impl Fn(&NodeState) -> bool) -> bool {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let deadline = Instant::now() + timeout;
         loop {
             let notified = self.changed.notified();
             if done(&self.lock()) {

@@ -7,13 +7,12 @@ use std::hash::Hash;
 
 use ozfleet_proto::oz::TaskAssignment;
 
+use crate::backend::{TaskEnv, secret_env};
+
 /// The common task environment, in the reference order: `TASK_ID`, `GIT_TERMINAL_PROMPT`,
 /// `GH_PROMPT_DISABLED`, `WARP_SERVER_ROOT_URL` (only when non-empty), then every
 /// `env_vars` entry of the assignment (sorted by name). Later entries win on duplicates.
-pub fn common_task_env(
-    assignment: &TaskAssignment,
-    server_root_url: &str,
-) -> Vec<(String, String)> {
+pub fn common_task_env(assignment: &TaskAssignment, server_root_url: &str) -> TaskEnv {
     let mut env = vec![
         ("TASK_ID".to_owned(), assignment.task.id.clone()),
         ("GIT_TERMINAL_PROMPT".to_owned(), "0".to_owned()),
@@ -32,7 +31,7 @@ pub fn common_task_env(
             .iter()
             .map(|(name, value)| (name.clone(), value.clone())),
     );
-    env
+    secret_env(env)
 }
 
 /// Removes duplicate names: the last value wins and stays at the position of the name's
@@ -57,7 +56,15 @@ where
 
 #[cfg(test)]
 mod tests {
+    use secrecy::ExposeSecret as _;
+
     use super::*;
+
+    fn exposed(env: TaskEnv) -> Vec<(String, String)> {
+        env.into_iter()
+            .map(|(name, value)| (name, value.expose_secret().to_owned()))
+            .collect()
+    }
 
     fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
         items
@@ -77,7 +84,7 @@ mod tests {
                 "env_vars":{"WARP_API_KEY":"k","GITHUB_ACCESS_TOKEN":"g"}}"#,
         );
         assert_eq!(
-            common_task_env(&assignment, "https://app.warp.dev"),
+            exposed(common_task_env(&assignment, "https://app.warp.dev")),
             pairs(&[
                 ("TASK_ID", "task-1"),
                 ("GIT_TERMINAL_PROMPT", "0"),
@@ -93,7 +100,7 @@ mod tests {
     fn server_root_url_omitted_when_empty() {
         let assignment = assignment(r#"{"task_id":"run-1","task":{"id":"task-1"}}"#);
         assert_eq!(
-            common_task_env(&assignment, ""),
+            exposed(common_task_env(&assignment, "")),
             pairs(&[
                 ("TASK_ID", "task-1"),
                 ("GIT_TERMINAL_PROMPT", "0"),
@@ -108,7 +115,7 @@ mod tests {
             r#"{"task_id":"run-1","task":{"id":"task-1"},"env_vars":{"GIT_TERMINAL_PROMPT":"1"}}"#,
         );
         assert_eq!(
-            dedupe_last_wins(common_task_env(&assignment, "")),
+            exposed(dedupe_last_wins(common_task_env(&assignment, ""))),
             pairs(&[
                 ("TASK_ID", "task-1"),
                 ("GIT_TERMINAL_PROMPT", "1"),

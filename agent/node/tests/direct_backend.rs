@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ozfleet_agent::backend::direct::DirectSetupError;
-use ozfleet_agent::backend::{DirectBackend, DirectConfig, TaskFailure, TaskRun};
+use ozfleet_agent::backend::{
+    DirectBackend, DirectConfig, DirectSettings, TaskBackend, TaskFailure, TaskRun, secret_env,
+};
 use ozfleet_proto::oz::FailureReason;
 use tempfile::TempDir;
 use tokio_util::sync::CancellationToken;
@@ -46,11 +48,13 @@ impl Fixture {
 
     fn config(&self) -> DirectConfig {
         DirectConfig {
-            workspace_root: self.root.clone(),
-            target_dir: None,
-            oz_path: Some(self.oz.clone()),
-            setup_command: None,
-            teardown_command: None,
+            settings: DirectSettings {
+                workspace_root: self.root.clone(),
+                target_dir: None,
+                oz_path: Some(self.oz.clone()),
+                setup_command: None,
+                teardown_command: None,
+            },
             environment: Vec::new(),
             cleanup: true,
             cancel_grace: GRACE,
@@ -73,10 +77,10 @@ impl Fixture {
                 "--task-id".into(),
                 task_id.into(),
             ],
-            env: vec![
-                ("TASK_ID".into(), task_id.into()),
-                ("TEST_OUT".into(), self.out.to_str().unwrap().into()),
-            ],
+            env: secret_env([
+                ("TASK_ID", task_id),
+                ("TEST_OUT", self.out.to_str().unwrap()),
+            ]),
             harness: None,
             image: String::new(),
             sidecars: Vec::new(),
@@ -233,7 +237,7 @@ ls -a > "$TEST_OUT/ls""#,
 async fn workspace_root_is_created_private_at_startup() {
     let fx = Fixture::new("exit 0");
     let nested = fx.base.join("a").join("b");
-    let _backend = fx.backend(|config| config.workspace_root = nested.clone());
+    let _backend = fx.backend(|config| config.settings.workspace_root = nested.clone());
     assert!(nested.is_dir());
     assert_eq!(mode(&nested), 0o700);
 }
@@ -285,7 +289,7 @@ async fn signal_death_is_normalised_to_128_plus_signal() {
 async fn missing_oz_binary_is_reported_without_exit_code() {
     let fx = Fixture::new("exit 0");
     let missing = fx.base.join("no-such-oz");
-    let backend = fx.backend(|config| config.oz_path = Some(missing.clone()));
+    let backend = fx.backend(|config| config.settings.oz_path = Some(missing.clone()));
     let failure = run(&backend, fx.task("task-missing")).await.unwrap_err();
     assert_eq!(
         failure,
@@ -304,15 +308,12 @@ async fn missing_oz_binary_is_reported_without_exit_code() {
 async fn agent_env_is_host_basics_plus_task_env_only() {
     let fx = Fixture::new(r#"env > "$TEST_OUT/env""#);
     let backend = fx.backend(|config| {
-        config.environment = vec![
-            ("OPERATOR_VAR".into(), "op".into()),
-            ("TASK_ID".into(), "operator-wins".into()),
-        ];
-        config.setup_command = Some("true".into());
+        config.environment = secret_env([("OPERATOR_VAR", "op"), ("TASK_ID", "operator-wins")]);
+        config.settings.setup_command = Some("true".into());
     });
     let mut task = fx.task("task-env");
     task.env
-        .push(("SECRET_TOKEN".into(), "s3cr3t value".into()));
+        .extend(secret_env([("SECRET_TOKEN", "s3cr3t value")]));
     run(&backend, task).await.expect("success");
 
     let env = read_env(&fx.out("env"));
@@ -376,8 +377,8 @@ async fn agent_env_is_host_basics_plus_task_env_only() {
 async fn setup_gets_oz_vars_and_exports_through_the_env_file() {
     let fx = Fixture::new(r#"env > "$TEST_OUT/agent_env""#);
     let backend = fx.backend(|config| {
-        config.environment = vec![("OPERATOR_VAR".into(), "op".into())];
-        config.setup_command = Some(
+        config.environment = secret_env([("OPERATOR_VAR", "op")]);
+        config.settings.setup_command = Some(
             r#"env > "$TEST_OUT/setup_env"
 pwd > "$TEST_OUT/setup_pwd"
 printf '%s\n' 'FOO=bar' '# a comment' 'export QUOTED="two words"' 'OPERATOR_VAR=from-setup' >> "$OZ_ENVIRONMENT_FILE""#
@@ -444,7 +445,7 @@ printf '%s\n' 'FOO=bar' '# a comment' 'export QUOTED="two words"' 'OPERATOR_VAR=
 async fn env_file_cannot_override_git_config_global() {
     let fx = Fixture::new(r#"env > "$TEST_OUT/agent_env""#);
     let backend = fx.backend(|config| {
-        config.setup_command = Some(
+        config.settings.setup_command = Some(
             r#"echo 'GIT_CONFIG_GLOBAL=/tmp/evil-gitconfig' >> "$OZ_ENVIRONMENT_FILE"
 git_config="$GIT_CONFIG_GLOBAL"
 printf '[user]\n\tname = setup\n' > "$git_config""#
@@ -471,7 +472,7 @@ printf '[user]\n\tname = setup\n' > "$git_config""#
 async fn unparsable_env_file_exports_nothing() {
     let fx = Fixture::new(r#"env > "$TEST_OUT/agent_env""#);
     let backend = fx.backend(|config| {
-        config.setup_command =
+        config.settings.setup_command =
             Some(r#"printf 'GOOD=1\nthis line is not dotenv\n' >> "$OZ_ENVIRONMENT_FILE""#.into());
     });
     run(&backend, fx.task("task-badenv"))
@@ -514,7 +515,7 @@ async fn teardown_runs_with_its_own_env_even_after_failure() {
     let fx = Fixture::new("exit 3");
     let marker = fx.base.join("teardown_env");
     let backend = fx.backend(|config| {
-        config.teardown_command = Some(format!(
+        config.settings.teardown_command = Some(format!(
             "env > '{}'; test -d \"$OZ_WORKSPACE_ROOT\" && echo present > '{}'",
             marker.display(),
             fx.base.join("teardown_saw_workspace").display()
@@ -544,7 +545,7 @@ async fn teardown_runs_with_its_own_env_even_after_failure() {
 #[tokio::test]
 async fn teardown_failure_does_not_fail_the_task() {
     let fx = Fixture::new("exit 0");
-    let backend = fx.backend(|config| config.teardown_command = Some("exit 9".into()));
+    let backend = fx.backend(|config| config.settings.teardown_command = Some("exit 9".into()));
     run(&backend, fx.task("task-tdfail"))
         .await
         .expect("success");
@@ -557,7 +558,7 @@ async fn teardown_skipped_when_cleanup_disabled() {
     let marker = fx.base.join("teardown_ran");
     let backend = fx.backend(|config| {
         config.cleanup = false;
-        config.teardown_command = Some(format!("touch '{}'", marker.display()));
+        config.settings.teardown_command = Some(format!("touch '{}'", marker.display()));
     });
     run(&backend, fx.task("task-keep")).await.expect("success");
     assert!(
@@ -572,8 +573,8 @@ async fn setup_failure_is_reported_and_the_agent_does_not_run() {
     let fx = Fixture::new(r#"touch "$TEST_OUT/agent_ran""#);
     let marker = fx.base.join("teardown_ran");
     let backend = fx.backend(|config| {
-        config.setup_command = Some("exit 4".into());
-        config.teardown_command = Some(format!("touch '{}'", marker.display()));
+        config.settings.setup_command = Some("exit 4".into());
+        config.settings.teardown_command = Some(format!("touch '{}'", marker.display()));
     });
     let failure = run(&backend, fx.task("task-setupfail")).await.unwrap_err();
     assert_eq!(
@@ -593,7 +594,7 @@ async fn setup_failure_is_reported_and_the_agent_does_not_run() {
 async fn unsafe_task_ids_are_rejected_before_touching_the_disk() {
     let fx = Fixture::new(r#"touch "$TEST_OUT/agent_ran""#);
     let backend = fx.backend(|config| {
-        config.setup_command = Some(r#"touch "$TEST_OUT/setup_ran""#.into());
+        config.settings.setup_command = Some(r#"touch "$TEST_OUT/setup_ran""#.into());
     });
     let before = entries(&fx.base);
     for task_id in ["../escape", "a/../../escape", "/abs/path", "..", ".", ""] {
@@ -626,8 +627,8 @@ test -d "$(dirname "$GIT_CONFIG_GLOBAL")" && echo yes > "$TEST_OUT/git_dir_exist
     std::fs::write(target.join("README"), "keep me").unwrap();
     let marker = fx.base.join("teardown_ran");
     let backend = fx.backend(|config| {
-        config.target_dir = Some(target.clone());
-        config.teardown_command = Some(format!("touch '{}'", marker.display()));
+        config.settings.target_dir = Some(target.clone());
+        config.settings.teardown_command = Some(format!("touch '{}'", marker.display()));
     });
     assert!(!fx.root.exists(), "no workspace root in target-dir mode");
 
@@ -672,12 +673,11 @@ test -d "$(dirname "$GIT_CONFIG_GLOBAL")" && echo yes > "$TEST_OUT/git_dir_exist
 async fn bad_target_dir_is_rejected_with_the_reference_messages() {
     let fx = Fixture::new("exit 0");
     let missing = fx.base.join("missing");
-    let error = DirectBackend::new(DirectConfig {
-        target_dir: Some(missing.clone()),
-        ..fx.config()
-    })
-    .err()
-    .expect("missing target dir");
+    let mut config = fx.config();
+    config.settings.target_dir = Some(missing.clone());
+    let error = DirectBackend::new(config)
+        .err()
+        .expect("missing target dir");
     assert_eq!(
         error.to_string(),
         format!(
@@ -688,12 +688,9 @@ async fn bad_target_dir_is_rejected_with_the_reference_messages() {
 
     let file = fx.base.join("file");
     std::fs::write(&file, "").unwrap();
-    let error = DirectBackend::new(DirectConfig {
-        target_dir: Some(file.clone()),
-        ..fx.config()
-    })
-    .err()
-    .expect("target is a file");
+    let mut config = fx.config();
+    config.settings.target_dir = Some(file.clone());
+    let error = DirectBackend::new(config).err().expect("target is a file");
     assert_eq!(
         error,
         DirectSetupError::TargetDirNotADirectory { path: file.clone() }
@@ -710,12 +707,9 @@ async fn unusable_workspace_root_is_a_startup_error() {
     let file = fx.base.join("file");
     std::fs::write(&file, "").unwrap();
     let root = file.join("root");
-    let error = DirectBackend::new(DirectConfig {
-        workspace_root: root.clone(),
-        ..fx.config()
-    })
-    .err()
-    .expect("root below a file");
+    let mut config = fx.config();
+    config.settings.workspace_root = root.clone();
+    let error = DirectBackend::new(config).err().expect("root below a file");
     assert_eq!(
         error.to_string(),
         format!(
@@ -735,7 +729,7 @@ sleep 1000"#,
     );
     let marker = fx.base.join("teardown_ran");
     let backend = fx.backend(|config| {
-        config.teardown_command = Some(format!("touch '{}'", marker.display()));
+        config.settings.teardown_command = Some(format!("touch '{}'", marker.display()));
     });
     let cancel = CancellationToken::new();
     let (result, (leader, grandchild, cancelled_at)) = tokio::join!(
@@ -820,7 +814,7 @@ exit 0"#,
 async fn cancelling_the_setup_command_stops_it() {
     let fx = Fixture::new(r#"touch "$TEST_OUT/agent_ran""#);
     let backend = fx.backend(|config| {
-        config.setup_command = Some(
+        config.settings.setup_command = Some(
             r#"sleep 1000 &
 echo $! > "$TEST_OUT/grandchild"
 echo $$ > "$TEST_OUT/setup"
@@ -851,7 +845,7 @@ sleep 1000"#
 async fn cancelled_before_start_runs_nothing_but_cleans_up() {
     let fx = Fixture::new(r#"touch "$TEST_OUT/agent_ran""#);
     let backend = fx.backend(|config| {
-        config.setup_command = Some(r#"touch "$TEST_OUT/setup_ran""#.into());
+        config.settings.setup_command = Some(r#"touch "$TEST_OUT/setup_ran""#.into());
     });
     let cancel = CancellationToken::new();
     cancel.cancel();

@@ -23,10 +23,13 @@ use ozfleet_agent::backend::docker::{
     LABEL_EXECUTION_ID, LABEL_MANAGED, LABEL_NODE_ID, LABEL_SIDECAR_IMAGE, LABEL_TASK_ID,
     container_name,
 };
-use ozfleet_agent::backend::{DockerBackend, RecoveredTask, TaskFailure};
+use ozfleet_agent::backend::{
+    DockerBackend, RecoveredTask, TaskBackend as _, TaskFailure, secret_env,
+};
 use ozfleet_proto::oz::{FailureReason, InstanceShape, SidecarMount};
 use ozfleet_worker_config::ImagePullPolicy;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 async fn backend(config: ozfleet_agent::backend::DockerConfig) -> DockerBackend {
     DockerBackend::new(config)
@@ -43,7 +46,7 @@ async fn successful_task_leaves_no_container() {
     let node = Node::new().await;
     // The daemon's default network mode, unlike the other tests.
     let mut config = node.config();
-    config.network_mode = None;
+    config.settings.network_mode = None;
     let docker = backend(config).await;
     docker
         .execute(task("hello"), CancellationToken::new())
@@ -93,7 +96,7 @@ async fn pull_policies() {
 
     // Never: a missing image fails before any container exists.
     let mut config = node.config();
-    config.image_pull_policy = ImagePullPolicy::Never;
+    config.settings.image_pull_policy = ImagePullPolicy::Never;
     let docker = backend(config).await;
     let mut run = task("hello");
     run.image = "localhost:5999/no-such-image:1".into();
@@ -112,7 +115,7 @@ async fn pull_policies() {
         .await
         .expect("Never runs a present image");
     let mut config = node.config();
-    config.image_pull_policy = ImagePullPolicy::IfNotPresent;
+    config.settings.image_pull_policy = ImagePullPolicy::IfNotPresent;
     backend(config)
         .await
         .execute(task("hello"), CancellationToken::new())
@@ -121,7 +124,7 @@ async fn pull_policies() {
 
     // Always pulls even a present image (and here the pull can only fail).
     let mut config = node.config();
-    config.image_pull_policy = ImagePullPolicy::Always;
+    config.settings.image_pull_policy = ImagePullPolicy::Always;
     let failed = failure(
         backend(config)
             .await
@@ -488,7 +491,7 @@ async fn host_volume_is_visible_in_the_container() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("hello.txt"), "hello-from-the-host").expect("write file");
     let mut config = node.config();
-    config.volumes = vec![format!("{}:/data:ro", dir.path().display())];
+    config.settings.volumes = vec![format!("{}:/data:ro", dir.path().display())];
     config.cleanup = false;
     let docker = backend(config).await;
     let run = task("read /data/hello.txt");
@@ -509,15 +512,12 @@ async fn container_spec_env_labels_and_name() {
     let node = Node::new().await;
     let mut config = node.config();
     config.cleanup = false;
-    config.environment = vec![
-        ("SHARED".into(), "from-config".into()),
-        ("CONFIG_ONLY".into(), "c".into()),
-    ];
-    config.volumes = vec!["/tmp:/host-tmp:ro".into()];
+    config.environment = secret_env([("SHARED", "from-config"), ("CONFIG_ONLY", "c")]);
+    config.settings.volumes = vec!["/tmp:/host-tmp:ro".into()];
     let docker = backend(config).await;
     let mut run = task("hello");
-    run.env.push(("SHARED".into(), "from-task".into()));
-    run.env.push(("TASK_ONLY".into(), "t".into()));
+    run.env
+        .extend(secret_env([("SHARED", "from-task"), ("TASK_ONLY", "t")]));
     run.instance_shape = Some(InstanceShape {
         vcpus: 1,
         memory_gb: 2,
@@ -587,10 +587,11 @@ async fn container_spec_env_labels_and_name() {
 
 #[tokio::test]
 async fn a_second_execute_of_one_execution_starts_no_second_container() {
+    let tasks = TaskTracker::new();
     let node = Node::new().await;
     let docker = std::sync::Arc::new(backend(node.config()).await);
     let run = task("sleep 2");
-    let first = tokio::spawn({
+    let first = tasks.spawn({
         let docker = docker.clone();
         let run = run.clone();
         async move { docker.execute(run, CancellationToken::new()).await }
@@ -601,7 +602,7 @@ async fn a_second_execute_of_one_execution_starts_no_second_container() {
     };
     let started = started_at(node.docker.inspect_container(&id, None).await.unwrap());
 
-    let second = tokio::spawn({
+    let second = tasks.spawn({
         let docker = docker.clone();
         let run = run.clone();
         async move { docker.execute(run, CancellationToken::new()).await }
@@ -623,11 +624,12 @@ async fn a_second_execute_of_one_execution_starts_no_second_container() {
 
 #[tokio::test]
 async fn cancellation_stops_the_container_within_the_grace() {
+    let tasks = TaskTracker::new();
     let node = Node::new().await;
     let docker = std::sync::Arc::new(backend(node.config()).await);
     let run = task("sleep 60");
     let cancel = CancellationToken::new();
-    let execution = tokio::spawn({
+    let execution = tasks.spawn({
         let docker = docker.clone();
         let run = run.clone();
         let cancel = cancel.clone();
@@ -688,13 +690,14 @@ async fn cleanup_false_keeps_the_container() {
 
 #[tokio::test]
 async fn a_restarted_agent_recovers_and_resumes_its_running_container() {
+    let tasks = TaskTracker::new();
     let node = Node::new().await;
     let other = Node::new().await;
 
     // The crashed agent: its execute future is dropped without cancelling.
     let crashed = std::sync::Arc::new(backend(node.config()).await);
     let run = task("sleep 3 then exit 5");
-    let execution = tokio::spawn({
+    let execution = tasks.spawn({
         let crashed = crashed.clone();
         let run = run.clone();
         async move { crashed.execute(run, CancellationToken::new()).await }
@@ -707,7 +710,7 @@ async fn a_restarted_agent_recovers_and_resumes_its_running_container() {
     // Another node's container on the same daemon.
     let other_backend = std::sync::Arc::new(backend(other.config()).await);
     let other_run = task("sleep 30");
-    let other_execution = tokio::spawn({
+    let other_execution = tasks.spawn({
         let other_backend = other_backend.clone();
         let other_run = other_run.clone();
         async move {
@@ -764,11 +767,12 @@ async fn a_restarted_agent_recovers_and_resumes_its_running_container() {
 
 #[tokio::test]
 async fn an_exited_container_is_recovered_with_its_exit_code() {
+    let tasks = TaskTracker::new();
     let node = Node::new().await;
     // The agent dies while the task runs; the task ends before a new agent is up.
     let crashed = std::sync::Arc::new(backend(node.config()).await);
     let run = task("sleep 1 then exit 7");
-    let execution = tokio::spawn({
+    let execution = tasks.spawn({
         let crashed = crashed.clone();
         let run = run.clone();
         async move { crashed.execute(run, CancellationToken::new()).await }

@@ -11,6 +11,8 @@
 use std::process::ExitCode;
 use std::time::Duration;
 
+use ozfleet_control_plane::client::RunClient;
+
 /// Name under which `ozfleet` acts as the demo agent.
 pub const PROGRAM_NAME: &str = "oz-demo-agent";
 
@@ -88,27 +90,15 @@ fn number_before(words: &[String], keyword: &str) -> Option<u64> {
     words.get(index.checked_sub(1)?)?.parse().ok()
 }
 
+/// Fetches the run with the task's own run token, as the `oz` CLI does; that first call is
+/// also how the control plane learns that the run is in progress.
 fn fetch_prompt(server_root_url: &str, task_id: &str) -> Result<String, String> {
     let api_key =
         std::env::var("WARP_API_KEY").map_err(|_| "WARP_API_KEY is not set".to_string())?;
-    let url = format!(
-        "{}/api/v1/agent/runs/{task_id}",
-        server_root_url.trim_end_matches('/')
-    );
-    let agent: ureq::Agent = ureq::Agent::config_builder()
-        .timeout_global(Some(Duration::from_secs(10)))
-        .build()
-        .into();
-    let run: serde_json::Value = agent
-        .get(&url)
-        .header("Authorization", &format!("Bearer {api_key}"))
-        .call()
-        .map_err(|error| format!("GET {url}: {error}"))?
-        .body_mut()
-        .read_json()
-        .map_err(|error| format!("GET {url}: {error}"))?;
-    run["prompt"]
-        .as_str()
-        .map(str::to_owned)
-        .ok_or_else(|| format!("GET {url}: the run has no prompt"))
+    let client = RunClient::new(server_root_url, api_key.into());
+    let run = client.get(task_id).map_err(|error| {
+        // The chain says why (connection refused, the server's message, …).
+        format!("{:#}", anyhow::Error::from(error))
+    })?;
+    Ok(run.prompt)
 }

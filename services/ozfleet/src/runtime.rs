@@ -53,6 +53,11 @@ pub fn init_logging(level: &str) {
 
 /// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once, for
 /// an operator who does not want to wait for the graceful drain.
+#[expect(
+    clippy::disallowed_methods,
+    reason = "the signal listener lives as long as the process: it must still see a second \
+              signal while every owned task drains, and it ends the process itself"
+)]
 pub fn shutdown_on_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let trigger = token.clone();

@@ -18,7 +18,7 @@ use futures::StreamExt as _;
 use ozfleet_agent::backend::docker::{
     LABEL_EXECUTION_ID, LABEL_MANAGED, LABEL_NODE_ID, LABEL_SIDECAR_IMAGE,
 };
-use ozfleet_agent::backend::{DockerConfig, TaskRun};
+use ozfleet_agent::backend::{DockerConfig, DockerSettings, TaskRun, secret_env};
 use ozfleet_proto::oz::SidecarMount;
 use ozfleet_worker_config::ImagePullPolicy;
 
@@ -74,11 +74,13 @@ impl Node {
     pub fn config(&self) -> DockerConfig {
         DockerConfig {
             node_id: self.id.clone(),
-            volumes: Vec::new(),
+            settings: DockerSettings {
+                volumes: Vec::new(),
+                image_pull_policy: ImagePullPolicy::IfNotPresent,
+                network_mode: Some("none".to_owned()),
+            },
             environment: Vec::new(),
             cleanup: true,
-            image_pull_policy: ImagePullPolicy::IfNotPresent,
-            network_mode: Some("none".to_owned()),
             stop_grace: Duration::from_secs(5),
         }
     }
@@ -118,15 +120,17 @@ impl Drop for Node {
     fn drop(&mut self) {
         let docker = self.docker.clone();
         let label = format!("{LABEL_NODE_ID}={}", self.id);
-        // Drop cannot await; a helper thread with its own runtime removes the containers.
-        let cleanup = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime")
-                .block_on(remove_labelled(&docker, &label));
+        // Drop cannot await; a scoped helper thread with its own runtime removes the
+        // containers, and is joined before the drop returns.
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("cleanup runtime")
+                    .block_on(remove_labelled(&docker, &label));
+            });
         });
-        let _ = cleanup.join();
     }
 }
 
@@ -193,23 +197,24 @@ impl Drop for SidecarCopy {
         let docker = self.docker.clone();
         let image = self.image.clone();
         let volume = self.volume.clone();
-        let cleanup = std::thread::spawn(move || {
-            tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cleanup runtime")
-                .block_on(async {
-                    let helpers = format!("{LABEL_SIDECAR_IMAGE}={image}");
-                    remove_labelled(&docker, &helpers).await;
-                    let _ = docker
-                        .remove_volume(&volume, None::<RemoveVolumeOptions>)
-                        .await;
-                    let _ = docker
-                        .remove_image(&image, None::<RemoveImageOptions>, None)
-                        .await;
-                });
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("cleanup runtime")
+                    .block_on(async {
+                        let helpers = format!("{LABEL_SIDECAR_IMAGE}={image}");
+                        remove_labelled(&docker, &helpers).await;
+                        let _ = docker
+                            .remove_volume(&volume, None::<RemoveVolumeOptions>)
+                            .await;
+                        let _ = docker
+                            .remove_image(&image, None::<RemoveImageOptions>, None)
+                            .await;
+                    });
+            });
         });
-        let _ = cleanup.join();
     }
 }
 
@@ -257,11 +262,11 @@ pub fn task(prompt: &str) -> TaskRun {
             "--server-root-url".into(),
             String::new(),
         ],
-        env: vec![
-            ("TASK_ID".into(), task_id.clone()),
-            ("GIT_TERMINAL_PROMPT".into(), "0".into()),
-            ("OZ_DEMO_PROMPT".into(), prompt.into()),
-        ],
+        env: secret_env([
+            ("TASK_ID", task_id.as_str()),
+            ("GIT_TERMINAL_PROMPT", "0"),
+            ("OZ_DEMO_PROMPT", prompt),
+        ]),
         task_id,
         execution_id: "exec-1".into(),
         harness: None,

@@ -2,13 +2,13 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::sync::Arc;
+
 use anyhow::{Context, bail};
-use ozfleet_agent::NodeConfig;
-use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig, DockerBackend, DockerConfig};
+use ozfleet_agent::backend::{BackendContext, from_settings};
 use ozfleet_agent::identity::load_or_create_node_id;
-use ozfleet_worker_config::{
-    BackendName, FileConfig, ImagePullPolicy, MergedConfig, WorkerFlags, merge,
-};
+use ozfleet_agent::{GrpcConnector, NodeConfig};
+use ozfleet_worker_config::{FileConfig, ImagePullPolicy, MergedConfig, WorkerFlags, merge};
 
 use crate::cli::AgentArgs;
 use crate::runtime::shutdown_on_signal;
@@ -34,10 +34,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         max_concurrent_tasks: args.max_concurrent_tasks,
         idle_on_complete: args.idle_on_complete.clone(),
     };
-    let merged = merge(flags, file, &super::process_env)?;
+    let mut merged = merge(flags, file, &super::process_env)?;
     let node = node_config(&args, &merged)?;
-    let backend = backend(&args, merged).await?;
-    ozfleet_agent::run(node, backend, shutdown_on_signal()).await?;
+    let connector = GrpcConnector::new(&args.gateway, super::join_token(&args.join_token)?.into())?;
+    apply_overrides(&args, &mut merged)?;
+    let context = BackendContext {
+        // Docker labels containers with the node id so a restarted agent finds its own.
+        node_id: load_or_create_node_id(&args.state_dir)?,
+        cancel_grace: CANCEL_GRACE,
+    };
+    let backend = from_settings(merged, context).await?;
+    ozfleet_agent::run(node, backend, Arc::new(connector), shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -60,8 +67,6 @@ fn node_config(args: &AgentArgs, merged: &MergedConfig) -> anyhow::Result<NodeCo
             .unwrap_or_else(|| "node".into()),
     };
     Ok(NodeConfig {
-        gateway_url: args.gateway.clone(),
-        join_token: super::join_token(&args.join_token)?,
         state_dir: args.state_dir.clone(),
         node_name,
         labels,
@@ -72,51 +77,21 @@ fn node_config(args: &AgentArgs, merged: &MergedConfig) -> anyhow::Result<NodeCo
     })
 }
 
-async fn backend(args: &AgentArgs, merged: MergedConfig) -> anyhow::Result<Backend> {
-    match merged.backend {
-        BackendName::Direct => {
-            if !merged.docker.volumes.is_empty() {
-                tracing::warn!("--volumes applies to the Docker backend only; ignoring it");
-            }
-            let direct = merged.direct;
-            let config = DirectConfig {
-                workspace_root: args.workspace_root.clone().unwrap_or(direct.workspace_root),
-                target_dir: direct.target_dir,
-                oz_path: args.oz_path.clone().or(direct.oz_path),
-                setup_command: direct.setup_command,
-                teardown_command: direct.teardown_command,
-                environment: merged.env,
-                cleanup: merged.cleanup,
-                cancel_grace: CANCEL_GRACE,
-            };
-            let backend = DirectBackend::new(config).context("Failed to create worker")?;
-            Ok(Backend::Direct(backend))
-        }
-        BackendName::Docker => {
-            let docker = merged.docker;
-            let image_pull_policy = match &args.image_pull_policy {
-                Some(name) => ImagePullPolicy::from_name(name)
-                    .with_context(|| format!("invalid --image-pull-policy {name:?}"))?,
-                None => docker.image_pull_policy,
-            };
-            let config = DockerConfig {
-                // Containers are labelled with the node id so a restarted agent finds its own.
-                node_id: load_or_create_node_id(&args.state_dir)?,
-                volumes: docker.volumes,
-                environment: merged.env,
-                cleanup: merged.cleanup,
-                image_pull_policy,
-                network_mode: args.docker_network.clone().or(docker.network_mode),
-                stop_grace: CANCEL_GRACE,
-            };
-            let backend = DockerBackend::new(config)
-                .await
-                .context("Failed to create worker")?;
-            Ok(Backend::Docker(backend))
-        }
-        other => bail!(
-            "the {} backend is not available in this ozfleet build yet; use --backend direct or docker",
-            other.as_str()
-        ),
+/// ozfleet's own flags, which the reference's config schema does not have, override the
+/// merged backend settings.
+fn apply_overrides(args: &AgentArgs, merged: &mut MergedConfig) -> anyhow::Result<()> {
+    if let Some(root) = &args.workspace_root {
+        merged.direct.workspace_root = root.clone();
     }
+    if let Some(oz_path) = &args.oz_path {
+        merged.direct.oz_path = Some(oz_path.clone());
+    }
+    if let Some(name) = &args.image_pull_policy {
+        merged.docker.image_pull_policy = ImagePullPolicy::from_name(name)
+            .with_context(|| format!("invalid --image-pull-policy {name:?}"))?;
+    }
+    if let Some(network) = &args.docker_network {
+        merged.docker.network_mode = Some(network.clone());
+    }
+    Ok(())
 }

@@ -5,9 +5,10 @@ use bollard::query_parameters::CreateImageOptions;
 use futures::StreamExt as _;
 use ozfleet_worker_config::ImagePullPolicy;
 
+use super::Engine;
 use super::auth;
+use super::errors::{daemon_error_text, is_not_found};
 use super::reference::ImageRef;
-use super::{Engine, daemon_error_text, is_not_found};
 
 /// Why an image is not usable; the texts follow the reference worker.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

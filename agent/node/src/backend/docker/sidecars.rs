@@ -38,7 +38,9 @@ use futures::TryStreamExt as _;
 use ozfleet_proto::oz::SidecarMount;
 use ozfleet_worker_config::ImagePullPolicy;
 
-use super::{Engine, LABEL_MANAGED, LABEL_SIDECAR_IMAGE, daemon_error_text, is_not_found};
+use super::errors::{daemon_error_text, is_not_found};
+use super::naming::sanitise;
+use super::{Engine, LABEL_MANAGED, LABEL_SIDECAR_IMAGE};
 
 /// Where the volume is mounted in the helper containers that fill and check it.
 const FILL_TARGET: &str = "/target";
@@ -110,16 +112,7 @@ pub(super) fn validate(sidecars: &[SidecarMount]) -> Result<Vec<Sidecar>, String
 /// replaced.
 pub(super) fn volume_name(image: &str, digest: &str) -> String {
     let repository = super::reference::ImageRef::parse(image).familiar_repository();
-    let base: String = repository
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
-                c
-            } else {
-                '-'
-            }
-        })
-        .collect();
+    let base = sanitise(&repository);
     let hex = digest.split_once(':').map_or(digest, |(_, hex)| hex);
     let suffix = if hex.len() >= 12 && hex.bytes().all(|b| b.is_ascii_hexdigit()) {
         hex[..12].to_owned()
