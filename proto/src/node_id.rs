@@ -23,7 +23,13 @@ mod tests {
     fn node_ids_are_short_and_plain() {
         assert!(is_valid_node_id("node-1.a_b"));
         assert!(is_valid_node_id(&"x".repeat(MAX_NODE_ID_LEN)));
-        for bad in ["", "has space", "slash/", "ü", &"x".repeat(MAX_NODE_ID_LEN + 1)] {
+        for bad in [
+            "",
+            "has space",
+            "slash/",
+            "ü",
+            &"x".repeat(MAX_NODE_ID_LEN + 1),
+        ] {
             assert!(!is_valid_node_id(bad), "{bad:?}");
         }
     }

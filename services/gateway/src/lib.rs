@@ -8,6 +8,7 @@
 //! ledger, reconciliation, deadlines, events), [`node_api`] (the gRPC endpoint nodes
 //! attach to), [`proxy`] (reaching Oz through an HTTP proxy).
 
+pub mod admin;
 pub mod fleet;
 pub mod node_api;
 pub mod outbox;
@@ -18,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ozfleet_proto::v1::UpstreamSettings;
+use ozfleet_proto::v1::admin_service_server::AdminServiceServer;
 use ozfleet_proto::v1::node_service_server::NodeServiceServer;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
@@ -26,6 +28,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
+pub use admin::AdminToken;
 pub use fleet::{Fleet, FleetEvent, FleetSnapshot, FleetTimings};
 pub use node_api::JoinToken;
 pub use proxy::ProxyEnv;
@@ -49,10 +52,16 @@ pub enum GatewayError {
     DuplicateNode(String),
     #[error("no node {0} is known to this gateway; list the nodes to see their ids")]
     UnknownNode(String),
+    #[error(
+        "no task {0} is offered or running on this gateway's nodes; list the tasks to see their ids"
+    )]
+    UnknownTask(String),
     #[error(transparent)]
     Stream(#[from] tonic::Status),
-    #[error("node API server failed: {0}")]
+    #[error("gRPC server failed: {0}")]
     Server(#[from] tonic::transport::Error),
+    #[error("cannot read a listener's address: {0}")]
+    Listener(#[from] std::io::Error),
 }
 
 impl From<GatewayError> for tonic::Status {
@@ -64,8 +73,12 @@ impl From<GatewayError> for tonic::Status {
                 tonic::Status::invalid_argument(error.to_string())
             }
             GatewayError::DuplicateNode(_) => tonic::Status::already_exists(error.to_string()),
-            GatewayError::UnknownNode(_) => tonic::Status::not_found(error.to_string()),
-            GatewayError::Server(_) => tonic::Status::internal(error.to_string()),
+            GatewayError::UnknownNode(_) | GatewayError::UnknownTask(_) => {
+                tonic::Status::not_found(error.to_string())
+            }
+            GatewayError::Server(_) | GatewayError::Listener(_) => {
+                tonic::Status::internal(error.to_string())
+            }
         }
     }
 }
@@ -76,13 +89,24 @@ pub struct GatewayConfig {
     /// Worker-wide values nodes need for the `oz agent run` argv.
     pub settings: UpstreamSettings,
     pub join_token: JoinToken,
+    /// Required by every admin call when set; required to serve admin off loopback.
+    pub admin_token: Option<AdminToken>,
     pub timings: FleetTimings,
 }
 
-/// Runs the gateway until `shutdown`: the Oz connection plus the node API (with gRPC
-/// health and server reflection) on `node_listener`.
+/// The gateway's listeners, bound by the caller (tests bind `127.0.0.1:0`).
+pub struct GatewayListeners {
+    /// Node agents attach here.
+    pub node: TcpListener,
+    /// Operators: the admin API, health and reflection.
+    pub admin: TcpListener,
+}
+
+/// Runs the gateway until `shutdown`: the Oz connection, the node API on the node
+/// listener and the admin API on the admin listener (each with gRPC health and server
+/// reflection).
 pub async fn run(
-    node_listener: TcpListener,
+    listeners: GatewayListeners,
     config: GatewayConfig,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
@@ -92,13 +116,39 @@ pub async fn run(
         config.settings.clone(),
         config.timings.clone(),
     );
-    run_with_fleet(node_listener, config, fleet, outbox, shutdown).await
+    run_with_fleet(listeners, config, fleet, outbox, shutdown).await
+}
+
+fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    GatewayError,
+> {
+    // Both reflection versions: grpcurl and many other clients still speak v1alpha.
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(ozfleet_proto::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let error = |error: tonic_reflection::server::Error| {
+        GatewayError::InvalidConfig(format!("reflection: {error}"))
+    };
+    Ok((
+        builder().build_v1().map_err(error)?,
+        builder().build_v1alpha().map_err(error)?,
+    ))
 }
 
 /// [`run`] with a fleet built by the caller, who can then watch its events and
 /// snapshots.
 pub async fn run_with_fleet(
-    node_listener: TcpListener,
+    listeners: GatewayListeners,
     config: GatewayConfig,
     fleet: Arc<Fleet>,
     outbox: Arc<outbox::Outbox>,
@@ -106,24 +156,21 @@ pub async fn run_with_fleet(
 ) -> Result<(), GatewayError> {
     // Validate before anything starts, so a bad URL fails the process instead of a loop.
     upstream::connect_url(&config.upstream.web_socket_url, &config.upstream.worker_id)?;
+    let admin_address = listeners.admin.local_addr()?;
+    if config.admin_token.is_none() && !admin_address.ip().is_loopback() {
+        return Err(GatewayError::InvalidConfig(format!(
+            "--admin-listen {admin_address} is reachable from other hosts but no admin token is set: \
+             set --admin-token-file or OZFLEET_ADMIN_TOKEN, or listen on loopback"
+        )));
+    }
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
+    let (health, node_health) = tonic_health::server::health_reporter();
+    health
         .set_serving::<NodeServiceServer<node_api::NodeApi>>()
         .await;
-    // Both reflection versions: grpcurl and many other clients still speak v1alpha.
-    let reflection_builder = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(ozfleet_proto::v1::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_error = |error: tonic_reflection::server::Error| {
-        GatewayError::InvalidConfig(format!("reflection: {error}"))
-    };
-    let reflection = reflection_builder().build_v1().map_err(reflection_error)?;
-    let reflection_v1alpha = reflection_builder()
-        .build_v1alpha()
-        .map_err(reflection_error)?;
+    let admin_health = tonic_health::pb::health_server::HealthServer::new(
+        tonic_health::server::HealthService::from_health_reporter(health.clone()),
+    );
     let server_stop = CancellationToken::new();
     let attach_streams = TaskTracker::new();
     let node_api = NodeServiceServer::new(node_api::NodeApi::new(
@@ -132,43 +179,68 @@ pub async fn run_with_fleet(
         attach_streams.clone(),
         server_stop.clone(),
     ));
+    let admin_api = AdminServiceServer::with_interceptor(
+        admin::AdminApi::new(
+            fleet.clone(),
+            config.upstream.worker_id.clone(),
+            server_stop.clone(),
+        ),
+        admin::AdminAuth::new(config.admin_token),
+    );
 
-    let address = node_listener.local_addr().ok();
+    let node_address = listeners.node.local_addr()?;
     info!(
         worker_id = config.upstream.worker_id,
-        "Gateway listening for node agents on {}",
-        address.map_or_else(|| "?".into(), |a| a.to_string())
+        "Gateway listening for node agents on {node_address}, for operators on {admin_address}"
     );
-    let serve = tonic::transport::Server::builder()
+    let (reflection, reflection_v1alpha) = reflection_services()?;
+    let serve_nodes = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.timings.node_keepalive))
         .http2_keepalive_timeout(Some(config.timings.node_keepalive))
-        .add_service(health_service)
+        .add_service(node_health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(node_api)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(node_listener),
+            TcpListenerStream::new(listeners.node),
             server_stop.clone().cancelled_owned(),
         );
-    let mut server = JoinSet::new();
-    server.spawn(async move { serve.await.map_err(GatewayError::from) });
-    let mut deadlines = JoinSet::new();
-    let deadlines_stop = CancellationToken::new();
-    deadlines.spawn({
+    let (reflection, reflection_v1alpha) = reflection_services()?;
+    let serve_admin = tonic::transport::Server::builder()
+        .add_service(admin_health)
+        .add_service(reflection)
+        .add_service(reflection_v1alpha)
+        .add_service(admin_api)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(listeners.admin),
+            server_stop.clone().cancelled_owned(),
+        );
+    let mut servers = JoinSet::new();
+    servers.spawn(async move { serve_nodes.await.map_err(GatewayError::from) });
+    servers.spawn(async move { serve_admin.await.map_err(GatewayError::from) });
+    let background_stop = CancellationToken::new();
+    let mut background = JoinSet::new();
+    background.spawn({
         let fleet = fleet.clone();
-        let stop = deadlines_stop.clone();
+        let stop = background_stop.clone();
         async move { fleet.run_deadlines(stop).await }
     });
+    background.spawn(admin::track_readiness(
+        fleet.clone(),
+        health,
+        background_stop.clone(),
+    ));
 
     let upstream = upstream::run(config.upstream, outbox, fleet.clone(), shutdown.clone());
     let upstream_result = tokio::select! {
         result = upstream => result,
-        joined = server.join_next() => {
+        joined = servers.join_next() => {
             shutdown.cancel();
-            deadlines_stop.cancel();
+            background_stop.cancel();
+            server_stop.cancel();
             return match joined {
                 Some(Ok(result)) => result,
-                Some(Err(panic)) => Err(GatewayError::InvalidConfig(format!("node API server task failed: {panic}"))),
+                Some(Err(panic)) => Err(GatewayError::InvalidConfig(format!("a gRPC server task failed: {panic}"))),
                 None => Ok(()),
             };
         }
@@ -176,19 +248,19 @@ pub async fn run_with_fleet(
 
     fleet.close_node_streams();
     server_stop.cancel();
-    deadlines_stop.cancel();
+    background_stop.cancel();
     attach_streams.close();
     let stopped = async {
-        server.join_all().await;
+        servers.join_all().await;
         attach_streams.wait().await;
-        deadlines.join_all().await;
+        background.join_all().await;
     };
     if tokio::time::timeout(SERVER_STOP_TIMEOUT, stopped)
         .await
         .is_err()
     {
         // Dropping the JoinSets aborts what is left.
-        warn!("Node API server did not stop within {SERVER_STOP_TIMEOUT:?}; abandoning it");
+        warn!("gRPC servers did not stop within {SERVER_STOP_TIMEOUT:?}; abandoning them");
     }
     info!("Gateway stopped");
     upstream_result

@@ -31,6 +31,88 @@ enum Command {
     ControlPlane(ControlPlaneArgs),
     /// Start a control plane, a gateway and a Direct node agent on loopback and run a demo.
     Dev(DevArgs),
+    /// The fleet at a glance: upstream connection, nodes, capacity, tasks.
+    Status(AdminArgs),
+    /// The nodes attached to the gateway (or away within the grace).
+    Nodes(AdminArgs),
+    /// Tasks offered to or running on nodes.
+    Tasks(TasksArgs),
+    /// Stop giving a node new tasks; its running tasks finish. Survives agent restarts.
+    Drain(NodeTarget),
+    /// Make a drained node eligible for new tasks again.
+    Undrain(NodeTarget),
+    /// Stop a task on its node; Oz is told an operator cancelled it.
+    Cancel(TaskTarget),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    Table,
+    Json,
+}
+
+/// How the CLI reaches the gateway's admin API.
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The gateway's admin address, `HOST:PORT` or `http://HOST:PORT`.
+    #[arg(long, env = "OZFLEET_ADMIN", default_value = "127.0.0.1:7071")]
+    pub admin: String,
+    #[command(flatten)]
+    pub admin_token: AdminTokenArgs,
+    #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
+}
+
+#[derive(Debug, Args)]
+pub struct TasksArgs {
+    /// Only tasks in this state: offered, running or lost.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only tasks on this node.
+    #[arg(long)]
+    pub node: Option<String>,
+    /// Follow node and task events as they happen instead of listing.
+    #[arg(long)]
+    pub watch: bool,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct NodeTarget {
+    /// The node id (see `ozfleet nodes`).
+    pub node: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TaskTarget {
+    /// The task id (see `ozfleet tasks`).
+    pub task: String,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+/// An admin CLI command, once its admin connection flags are split off.
+#[derive(Debug)]
+pub enum AdminCommand {
+    Status,
+    Nodes,
+    Tasks {
+        state: Option<String>,
+        node: Option<String>,
+        watch: bool,
+    },
+    Drain {
+        node: String,
+    },
+    Undrain {
+        node: String,
+    },
+    Cancel {
+        task: String,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -85,6 +167,22 @@ pub struct GatewayArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub join_token: JoinTokenArgs,
+    /// Address of the admin API (grpcurl, `ozfleet status`), health and reflection. Off
+    /// loopback it needs an admin token.
+    #[arg(long, default_value = "127.0.0.1:7071")]
+    pub admin_listen: SocketAddr,
+    #[command(flatten)]
+    pub admin_token: AdminTokenArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct AdminTokenArgs {
+    /// File holding the token every admin call must present (`authorization: Bearer`).
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+    /// The admin token (prefer --admin-token-file).
+    #[arg(long, env = "OZFLEET_ADMIN_TOKEN", hide_env_values = true, hide = true)]
+    pub admin_token: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -189,6 +287,9 @@ pub struct DevArgs {
     /// Docker backend: the sidecar mounted at /agent, whose entrypoint.sh is the demo agent.
     #[arg(long, default_value = "localhost:5999/oz-demo-sidecar:1")]
     pub sidecar_image: String,
+    /// Where the gateway serves the admin API (port 0: any free port, printed at start).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub admin_listen: SocketAddr,
     #[arg(long, value_enum, default_value_t = LogLevel::Warn)]
     pub log_level: LogLevel,
 }
@@ -216,6 +317,13 @@ pub fn main() -> ExitCode {
         Command::Agent(args) => args.log_level,
         Command::ControlPlane(args) => args.log_level,
         Command::Dev(args) => args.log_level,
+        // The CLI prints results; only problems are logged.
+        Command::Status(_)
+        | Command::Nodes(_)
+        | Command::Tasks(_)
+        | Command::Drain(_)
+        | Command::Undrain(_)
+        | Command::Cancel(_) => LogLevel::Error,
     };
     crate::runtime::init_logging(log_level.as_str());
     let runtime = match tokio::runtime::Runtime::new() {
@@ -231,6 +339,23 @@ pub fn main() -> ExitCode {
             Command::Agent(args) => commands::agent::run(args).await,
             Command::ControlPlane(args) => commands::control_plane::run(args).await,
             Command::Dev(args) => commands::dev::run(args).await,
+            Command::Status(args) => commands::admin::run(args, AdminCommand::Status).await,
+            Command::Nodes(args) => commands::admin::run(args, AdminCommand::Nodes).await,
+            Command::Tasks(TasksArgs {
+                state,
+                node,
+                watch,
+                admin,
+            }) => commands::admin::run(admin, AdminCommand::Tasks { state, node, watch }).await,
+            Command::Drain(NodeTarget { node, admin }) => {
+                commands::admin::run(admin, AdminCommand::Drain { node }).await
+            }
+            Command::Undrain(NodeTarget { node, admin }) => {
+                commands::admin::run(admin, AdminCommand::Undrain { node }).await
+            }
+            Command::Cancel(TaskTarget { task, admin }) => {
+                commands::admin::run(admin, AdminCommand::Cancel { task }).await
+            }
         }
     });
     match result {

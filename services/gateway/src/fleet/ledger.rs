@@ -31,6 +31,8 @@ pub struct Task {
     pub node_id: Option<Arc<str>>,
     pub phase: Phase,
     pub cancel_requested: bool,
+    /// An operator cancelled it (admin API): Oz gets `task_failed` / `task_cancelled`.
+    pub cancelled_by_operator: bool,
     /// The Oz assignment as received; `None` for tasks adopted from a node's hello after
     /// a gateway restart (already placed, never re-placed).
     pub assignment_json: Option<Arc<[u8]>>,
@@ -132,23 +134,33 @@ impl TaskLedger {
             .iter()
             .filter_map(|(task_id, task)| {
                 let node_id = task.node_id.clone()?;
-                let state = if !node_connected(&node_id) {
-                    TaskState::Lost
-                } else if task.phase == Phase::Running {
-                    TaskState::Running
-                } else {
-                    TaskState::Offered
-                };
-                Some(TaskSnapshot {
-                    task_id: task_id.clone(),
-                    execution_id: task.execution_id.clone(),
-                    node_id,
-                    state,
-                    since: task.since,
-                    cancel_requested: task.cancel_requested,
-                })
+                let connected = node_connected(&node_id);
+                Some(task_snapshot(task_id, task, node_id, connected))
             })
             .collect()
+    }
+}
+
+pub fn task_snapshot(
+    task_id: &str,
+    task: &Task,
+    node_id: Arc<str>,
+    node_connected: bool,
+) -> TaskSnapshot {
+    let state = if !node_connected {
+        TaskState::Lost
+    } else if task.phase == Phase::Running {
+        TaskState::Running
+    } else {
+        TaskState::Offered
+    };
+    TaskSnapshot {
+        task_id: task_id.to_owned(),
+        execution_id: task.execution_id.clone(),
+        node_id,
+        state,
+        since: task.since,
+        cancel_requested: task.cancel_requested,
     }
 }
 

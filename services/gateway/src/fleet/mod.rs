@@ -285,6 +285,26 @@ impl Fleet {
         })
     }
 
+    /// An operator cancels a task: its node stops it, and Oz gets one `task_failed` with
+    /// reason `task_cancelled` (or the task's true outcome if it ended first).
+    pub fn cancel_by_operator(&self, task_id: &str) -> Result<TaskSnapshot, GatewayError> {
+        self.apply(|state| state.cancel_by_operator(task_id))
+    }
+
+    /// One node, as [`Fleet::snapshot`] shows it.
+    pub fn node(&self, node_id: &str) -> Option<NodeSnapshot> {
+        self.lock()
+            .registry
+            .get(node_id)
+            .map(|node| node.snapshot())
+    }
+
+    /// One task, as [`Fleet::snapshot`] shows it.
+    pub fn task(&self, task_id: &str) -> Option<TaskSnapshot> {
+        let state = self.lock();
+        state.task_snapshot(task_id)
+    }
+
     /// Closes every node stream (gateway shutdown); nodes keep their tasks and reconnect.
     pub fn close_node_streams(&self) {
         self.apply(|state| {
@@ -335,6 +355,40 @@ impl Fleet {
 }
 
 impl FleetState {
+    fn task_snapshot(&self, task_id: &str) -> Option<TaskSnapshot> {
+        let task = self.ledger.tasks.get(task_id)?;
+        let node_id = task.node_id.clone()?;
+        let connected = self
+            .registry
+            .get(&node_id)
+            .is_some_and(|node| node.is_connected());
+        Some(ledger::task_snapshot(task_id, task, node_id, connected))
+    }
+
+    fn cancel_by_operator(&mut self, task_id: &str) -> Result<TaskSnapshot, GatewayError> {
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            return Err(GatewayError::UnknownTask(task_id.to_owned()));
+        };
+        task.cancel_requested = true;
+        task.cancelled_by_operator = true;
+        let node_id = task.node_id.clone();
+        let execution_id = task.execution_id.clone();
+        info!(
+            task_id,
+            node_id = node_id.as_deref(),
+            "Cancellation requested by an operator"
+        );
+        self.emit(FleetEvent::TaskCancelRequested {
+            task_id: task_id.to_owned(),
+        });
+        // A disconnected node gets it again from reconciliation when it returns.
+        if let Some(node_id) = node_id {
+            self.cancel_on(&node_id, task_id, &execution_id);
+        }
+        self.task_snapshot(task_id)
+            .ok_or_else(|| GatewayError::UnknownTask(task_id.to_owned()))
+    }
+
     fn emit(&self, event: FleetEvent) {
         // No subscriber is fine: events are for whoever listens.
         let _ = self.events.send(event);
@@ -427,6 +481,7 @@ impl FleetState {
                 node_id: None,
                 phase: Phase::Offered { offer: 0 },
                 cancel_requested: false,
+                cancelled_by_operator: false,
                 assignment_json: Some(Arc::from(raw_json)),
                 refused_by: HashSet::new(),
                 offer_deadline: None,
@@ -606,11 +661,29 @@ impl FleetState {
             task.refused_by.insert(node_id.clone());
         }
         let cancelled = task.cancel_requested;
+        let by_operator = task.cancelled_by_operator;
         if let Some(node_id) = node_id {
             if let Some(node) = self.registry.get_mut(&node_id) {
                 node.tasks.remove(task_id);
             }
             self.refresh_placement(&node_id);
+        }
+        if by_operator {
+            // Oz assigned it and no node will run it: Oz must hear how it ended.
+            if let Some(task) = self.ledger.tasks.remove(task_id) {
+                self.ledger
+                    .remember_finished(task_id, &task.execution_id, None);
+                let message = oz_mapping::operator_cancelled(task_id);
+                self.emit(FleetEvent::TaskFinished {
+                    task_id: task_id.to_owned(),
+                    execution_id: task.execution_id,
+                    node_id: Arc::from(""),
+                    result: oz_mapping::result_of(&message),
+                    lost: false,
+                });
+                self.outbox.push(message);
+            }
+            return;
         }
         if cancelled {
             // Oz cancelled it before any node claimed it: nothing is left to run or report.
@@ -906,7 +979,11 @@ impl FleetState {
             node.tasks.remove(task_id);
         }
         self.refresh_placement(node_id);
-        let message = oz_mapping::upstream_message(outcome);
+        let message = if task.cancelled_by_operator {
+            oz_mapping::operator_cancelled_message(outcome)
+        } else {
+            oz_mapping::upstream_message(outcome)
+        };
         info!(
             task_id,
             node_id,

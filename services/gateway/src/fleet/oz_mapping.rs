@@ -33,6 +33,37 @@ pub fn upstream_message(outcome: &TaskOutcome) -> WorkerMessage {
     }
 }
 
+/// What Oz is told when an operator cancelled the task (`ozfleet cancel`, the admin API).
+pub const OPERATOR_CANCELLED_MESSAGE: &str =
+    "Task cancelled by an operator of this worker (ozfleet admin API).";
+
+/// The message Oz gets for the outcome of a task an operator cancelled: a stop caused by
+/// the cancellation is a `task_failed` with reason `task_cancelled`; a task that ended on
+/// its own before the cancellation landed keeps its true outcome.
+pub fn operator_cancelled_message(outcome: &TaskOutcome) -> WorkerMessage {
+    let stopped_by_cancel = match &outcome.result {
+        Some(task_outcome::Result::Cancelled(_)) => true,
+        Some(task_outcome::Result::Failed(failed)) => {
+            failed.failure_reason == FailureReason::TaskCancelled.as_str()
+        }
+        _ => false,
+    };
+    if stopped_by_cancel {
+        operator_cancelled(&outcome.task_id)
+    } else {
+        upstream_message(outcome)
+    }
+}
+
+pub fn operator_cancelled(task_id: &str) -> WorkerMessage {
+    WorkerMessage::failed(
+        task_id,
+        FailureReason::TaskCancelled,
+        OPERATOR_CANCELLED_MESSAGE.to_owned(),
+        0,
+    )
+}
+
 /// The `task_failed` Oz gets for a task whose node lost it.
 pub fn lost_message(task_id: &str, why: &str) -> WorkerMessage {
     WorkerMessage::failed(
@@ -106,6 +137,26 @@ mod tests {
                 reason: "setup_command".into(),
                 exit_code: 2
             }
+        );
+    }
+
+    #[test]
+    fn an_operator_cancel_fails_the_task_as_cancelled_unless_it_ended_on_its_own() {
+        let cancelled = outcome(Some(task_outcome::Result::Cancelled(v1::TaskCancelled {})));
+        let message = operator_cancelled_message(&cancelled);
+        assert_eq!(
+            result_of(&message),
+            TaskResult::Failed {
+                reason: "task_cancelled".into(),
+                exit_code: 0
+            }
+        );
+        assert!(matches!(&message, WorkerMessage::TaskFailed(failed)
+            if failed.message == OPERATOR_CANCELLED_MESSAGE));
+        let succeeded = outcome(Some(task_outcome::Result::Succeeded(v1::TaskSucceeded {})));
+        assert_eq!(
+            operator_cancelled_message(&succeeded),
+            WorkerMessage::completed("run-1")
         );
     }
 

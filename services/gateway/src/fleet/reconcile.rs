@@ -131,6 +131,7 @@ impl FleetState {
                 node_id: Some(node_id.clone()),
                 phase: Phase::Running,
                 cancel_requested,
+                cancelled_by_operator: false,
                 assignment_json: None,
                 refused_by: HashSet::new(),
                 offer_deadline: None,

@@ -891,3 +891,47 @@ async fn upstream_connection_changes_are_events() {
         ]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_cancel_stops_the_task_and_oz_gets_one_task_cancelled_failure() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    run_on(&h, &mut node, "run-1", "exec-1");
+    let shown = h.fleet.cancel_by_operator("run-1").unwrap();
+    assert!(shown.cancel_requested);
+    assert_eq!(node.messages(), vec![cancellation("run-1", "exec-1")]);
+    let cancelled = TaskOutcome {
+        result: Some(task_outcome::Result::Cancelled(v1::TaskCancelled {})),
+        ..succeeded("run-1", "exec-1")
+    };
+    h.fleet.on_outcome("node-a", node.epoch, cancelled.clone());
+    h.fleet.on_outcome("node-a", node.epoch, cancelled);
+    assert_eq!(
+        h.upstream(),
+        vec![WorkerMessage::failed(
+            "run-1",
+            FailureReason::TaskCancelled,
+            oz_mapping::OPERATOR_CANCELLED_MESSAGE.into(),
+            0
+        )]
+    );
+    assert!(matches!(
+        h.fleet.cancel_by_operator("run-1"),
+        Err(GatewayError::UnknownTask(_))
+    ));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_operator_cancel_of_an_offer_that_no_node_takes_is_reported_once() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    h.assign("run-1", "exec-1");
+    assert_eq!(node.offers(), vec!["run-1"]);
+    h.fleet.cancel_by_operator("run-1").unwrap();
+    h.fleet
+        .on_refused("node-a", node.epoch, refused("run-1", "exec-1"));
+    let upstream = h.upstream();
+    assert!(matches!(upstream.as_slice(),
+        [WorkerMessage::TaskFailed(failed)] if failed.failure_reason == "task_cancelled"));
+    assert!(h.fleet.snapshot().tasks.is_empty());
+}

@@ -12,7 +12,8 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use ozfleet_gateway::{
-    FleetTimings, GatewayConfig, GatewayError, JoinToken, Keepalive, UpstreamConfig,
+    AdminToken, FleetTimings, GatewayConfig, GatewayError, GatewayListeners, JoinToken, Keepalive,
+    UpstreamConfig,
 };
 use ozfleet_proto::oz::{self, WorkerMessage};
 use ozfleet_proto::v1::node_service_client::NodeServiceClient;
@@ -346,6 +347,7 @@ pub fn test_timings() -> FleetTimings {
 
 pub struct GatewayOptions {
     pub web_socket_url: String,
+    pub admin_token: Option<&'static str>,
     pub keepalive: Keepalive,
     pub timings: FleetTimings,
     pub proxy: ozfleet_gateway::ProxyEnv,
@@ -355,6 +357,7 @@ impl GatewayOptions {
     pub fn new(web_socket_url: String) -> Self {
         Self {
             web_socket_url,
+            admin_token: None,
             keepalive: test_keepalive(),
             timings: test_timings(),
             proxy: ozfleet_gateway::ProxyEnv::default(),
@@ -364,6 +367,7 @@ impl GatewayOptions {
 
 pub struct TestGateway {
     pub node_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub shutdown: CancellationToken,
     pub handle: Option<JoinHandle<Result<(), GatewayError>>>,
 }
@@ -381,6 +385,10 @@ impl TestGateway {
             .await
             .expect("bind node API");
         let node_addr = listener.local_addr().unwrap();
+        let admin = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind admin API");
+        let admin_addr = admin.local_addr().unwrap();
         let config = GatewayConfig {
             upstream: UpstreamConfig {
                 web_socket_url: options.web_socket_url,
@@ -396,12 +404,20 @@ impl TestGateway {
                 worker_id: WORKER_ID.into(),
             },
             join_token: JoinToken::new(JOIN_TOKEN).unwrap(),
+            admin_token: options
+                .admin_token
+                .map(|token| AdminToken::new(token).unwrap()),
             timings: options.timings,
         };
+        let listeners = GatewayListeners {
+            node: listener,
+            admin,
+        };
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(ozfleet_gateway::run(listener, config, shutdown.clone()));
+        let handle = tokio::spawn(ozfleet_gateway::run(listeners, config, shutdown.clone()));
         Self {
             node_addr,
+            admin_addr,
             shutdown,
             handle: Some(handle),
         }

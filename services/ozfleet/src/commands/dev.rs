@@ -6,21 +6,25 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use ozfleet_agent::NodeConfig;
-use ozfleet_agent::backend::{Backend, DirectBackend, DirectConfig, DockerBackend, DockerConfig};
+use anyhow::Context;
+use ozfleet_agent::backend::{
+    DirectBackend, DirectConfig, DirectSettings, DockerBackend, DockerConfig, DockerSettings,
+    ImagePullPolicy, TaskBackend,
+};
 use ozfleet_agent::identity::load_or_create_node_id;
+use ozfleet_agent::{GrpcConnector, NodeConfig};
+use ozfleet_control_plane::client::{ClientError, RunClient};
+use ozfleet_control_plane::run_api::{RunItem, RunRequest, RunState};
 use ozfleet_control_plane::{ControlPlaneConfig, TaskImages};
 use ozfleet_gateway::{
-    FleetTimings, GatewayConfig, JoinToken, Keepalive, ProxyEnv, UpstreamConfig,
+    FleetTimings, GatewayConfig, GatewayListeners, JoinToken, Keepalive, ProxyEnv, UpstreamConfig,
 };
 use ozfleet_proto::oz::WORKER_WEB_SOCKET_PATH;
 use ozfleet_proto::v1::UpstreamSettings;
-use ozfleet_worker_config::ImagePullPolicy;
-use serde_json::{Value, json};
-use tokio::task::JoinHandle;
+use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::cli::{DevArgs, DevBackend};
@@ -29,32 +33,39 @@ use crate::runtime::shutdown_on_signal;
 const API_KEY: &str = "ozfleet-dev-key";
 const WORKER_ID: &str = "ozfleet-dev";
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
-const TERMINAL_STATES: [&str; 4] = ["SUCCEEDED", "FAILED", "CANCELLED", "ERROR"];
 
 struct Stack {
     control_plane: Part,
     gateway: Part,
     agent: Part,
+    /// Where the gateway serves the admin API.
+    admin_address: SocketAddr,
 }
 
+/// One part of the stack, running as its own task until it is stopped. The task is owned:
+/// when `dev` returns early (a part failed to start), dropping the parts aborts them.
 struct Part {
     stop: CancellationToken,
-    task: JoinHandle<anyhow::Result<()>>,
+    task: JoinSet<anyhow::Result<()>>,
 }
 
 impl Part {
-    fn spawn(start: impl FnOnce(CancellationToken) -> JoinHandle<anyhow::Result<()>>) -> Self {
+    fn spawn<F>(start: impl FnOnce(CancellationToken) -> F) -> Self
+    where
+        F: Future<Output = anyhow::Result<()>> + Send + 'static,
+    {
         let stop = CancellationToken::new();
-        let task = start(stop.clone());
+        let mut task = JoinSet::new();
+        task.spawn(start(stop.clone()));
         Self { stop, task }
     }
 
-    async fn stop(self, name: &str) {
+    async fn stop(mut self, name: &str) {
         self.stop.cancel();
-        match self.task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => eprintln!("{name} stopped with an error: {error:#}"),
-            Err(error) => eprintln!("{name} task failed: {error}"),
+        match self.task.join_next().await {
+            Some(Ok(Ok(()))) | None => {}
+            Some(Ok(Err(error))) => eprintln!("{name} stopped with an error: {error:#}"),
+            Some(Err(error)) => eprintln!("{name} task failed: {error}"),
         }
     }
 }
@@ -85,6 +96,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             args.docker_image, args.sidecar_image
         ),
     }
+    println!(
+        "  admin API      {}  (ozfleet nodes --admin {0})",
+        stack.admin_address
+    );
     println!("  working dir    {}", workdir.path().display());
     println!();
 
@@ -94,7 +109,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     };
 
     if !args.exit_after_demo && !shutdown.is_cancelled() {
-        print_examples(&base_url);
+        print_examples(&base_url, stack.admin_address);
         shutdown.cancelled().await;
     }
     println!("Shutting down…");
@@ -129,6 +144,15 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
     let node_listener =
         tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
     let gateway_address = node_listener.local_addr()?;
+    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot listen on {} (pass --admin-listen to pick another address)",
+                args.admin_listen
+            )
+        })?;
+    let admin_address = admin_listener.local_addr()?;
     // A fresh secret per dev session; nodes of other sessions cannot join this one.
     let join_token = uuid::Uuid::new_v4().simple().to_string();
 
@@ -145,11 +169,8 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         reoffer_delay: Duration::from_secs(1),
         images,
     };
-    let control_plane = Part::spawn(|stop| {
-        tokio::spawn(async move {
-            ozfleet_control_plane::run(http_listener, control_plane_config, stop).await
-        })
-    });
+    let control_plane =
+        Part::spawn(|stop| ozfleet_control_plane::run(http_listener, control_plane_config, stop));
 
     let gateway_config = GatewayConfig {
         upstream: UpstreamConfig {
@@ -167,48 +188,52 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
             worker_id: WORKER_ID.into(),
         },
         join_token: JoinToken::new(join_token.clone())?,
+        admin_token: None,
         timings: FleetTimings::default(),
     };
-    let gateway = Part::spawn(|stop| {
-        tokio::spawn(async move {
-            ozfleet_gateway::run(node_listener, gateway_config, stop)
-                .await
-                .map_err(anyhow::Error::from)
-        })
+    let listeners = GatewayListeners {
+        node: node_listener,
+        admin: admin_listener,
+    };
+    let gateway = Part::spawn(|stop| async move {
+        ozfleet_gateway::run(listeners, gateway_config, stop)
+            .await
+            .map_err(anyhow::Error::from)
     });
 
     let state_dir = workdir.join("agent-state");
-    let backend = match args.backend {
-        DevBackend::Direct => Backend::Direct(DirectBackend::new(DirectConfig {
-            workspace_root: workdir.join("workspaces"),
-            target_dir: None,
-            oz_path: Some(demo_agent.to_owned()),
-            setup_command: None,
-            teardown_command: None,
+    let backend: Arc<dyn TaskBackend> = match args.backend {
+        DevBackend::Direct => Arc::new(DirectBackend::new(DirectConfig {
+            settings: DirectSettings {
+                workspace_root: workdir.join("workspaces"),
+                oz_path: Some(demo_agent.to_owned()),
+                ..DirectSettings::default()
+            },
             environment: Vec::new(),
             cleanup: true,
             cancel_grace: Duration::from_secs(5),
         })?),
-        DevBackend::Docker => Backend::Docker(
+        DevBackend::Docker => Arc::new(
             DockerBackend::new(DockerConfig {
                 node_id: load_or_create_node_id(&state_dir)?,
-                volumes: Vec::new(),
+                settings: DockerSettings {
+                    volumes: Vec::new(),
+                    // The demo images are built locally; there is no registry to pull from.
+                    image_pull_policy: ImagePullPolicy::IfNotPresent,
+                    // The demo agent in the container fetches its run from the control
+                    // plane on the host's loopback.
+                    network_mode: Some("host".into()),
+                },
                 environment: Vec::new(),
                 cleanup: true,
-                // The demo images are built locally; there is no registry to pull from.
-                image_pull_policy: ImagePullPolicy::IfNotPresent,
-                // The demo agent in the container fetches its run from the control plane
-                // on the host's loopback.
-                network_mode: Some("host".into()),
                 stop_grace: Duration::from_secs(5),
             })
             .await
             .context("the Docker backend needs a Docker Engine and the demo images: run tests/docker/start-docker.sh")?,
         ),
     };
+    let connector = GrpcConnector::new(&format!("http://{gateway_address}"), join_token.into())?;
     let node_config = NodeConfig {
-        gateway_url: format!("http://{gateway_address}"),
-        join_token,
         state_dir,
         node_name: "dev-node".into(),
         labels: BTreeMap::from([("env".to_owned(), "dev".to_owned())]),
@@ -216,11 +241,13 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         idle_on_complete: None,
         shutdown_grace: Duration::from_secs(10),
     };
-    let agent = Part::spawn(|stop| tokio::spawn(ozfleet_agent::run(node_config, backend, stop)));
+    let agent =
+        Part::spawn(|stop| ozfleet_agent::run(node_config, backend, Arc::new(connector), stop));
     Ok(Stack {
         control_plane,
         gateway,
         agent,
+        admin_address,
     })
 }
 
@@ -231,25 +258,31 @@ async fn run_demos(api: &Api) -> anyhow::Result<bool> {
     println!("Demo 1/3: a run that succeeds");
     let run = api.create("Say hello from ozfleet").await?;
     let item = follow(api, &run, None).await?;
-    all_ok &= expect_state(&item, "SUCCEEDED");
+    all_ok &= expect_state(&item, RunState::Succeeded);
 
     println!("\nDemo 2/3: a run whose prompt asks the agent to fail with exit code 3");
     let run = api.create("Exit 3 to show a failure").await?;
     let item = follow(api, &run, None).await?;
-    all_ok &= expect_state(&item, "FAILED");
+    all_ok &= expect_state(&item, RunState::Failed);
     println!(
-        "  failure_reason = {}, exit_code = {}, message = {}",
-        item["failure_reason"], item["exit_code"], item["status_message"]["message"]
+        "  failure_reason = {:?}, exit_code = {}, message = {:?}",
+        item.failure_reason.as_deref().unwrap_or_default(),
+        item.exit_code
+            .map_or("none".into(), |code| code.to_string()),
+        item.status_message
+            .as_ref()
+            .map(|status| status.message.as_str())
+            .unwrap_or_default()
     );
 
     println!("\nDemo 3/3: a long run, cancelled once it is in progress");
     let run = api.create("Sleep 300 seconds, then finish").await?;
-    let item = follow(api, &run, Some("INPROGRESS")).await?;
-    if item["state"] == "INPROGRESS" {
+    let item = follow(api, &run, Some(RunState::InProgress)).await?;
+    if item.state == RunState::InProgress {
         println!("  POST /api/v1/agent/runs/{run}/cancel");
         api.cancel(&run).await?;
         let item = follow(api, &run, None).await?;
-        all_ok &= expect_state(&item, "CANCELLED");
+        all_ok &= expect_state(&item, RunState::Cancelled);
         let left = processes_of_run(&run);
         if left.is_empty() {
             println!("  no process of run {run} is left");
@@ -272,29 +305,30 @@ async fn run_demos(api: &Api) -> anyhow::Result<bool> {
     Ok(all_ok)
 }
 
-fn expect_state(item: &Value, expected: &str) -> bool {
-    let ok = item["state"] == expected;
+fn expect_state(item: &RunItem, expected: RunState) -> bool {
+    let ok = item.state == expected;
     if !ok {
-        println!("  expected {expected}, got {}", item["state"]);
+        println!("  expected {expected}, got {}", item.state);
     }
     ok
 }
 
 /// Polls the run, printing each state change, until it is terminal or reaches `until`.
-async fn follow(api: &Api, run_id: &str, until: Option<&str>) -> anyhow::Result<Value> {
+async fn follow(api: &Api, run_id: &str, until: Option<RunState>) -> anyhow::Result<RunItem> {
     let started = Instant::now();
-    let mut seen = String::new();
+    let mut seen = None;
     loop {
         let item = api.get(run_id).await?;
-        let state = item["state"].as_str().unwrap_or("?").to_owned();
-        if state != seen {
+        let state = item.state;
+        if seen != Some(state) {
             println!(
-                "  {run_id}  {state:<10} +{:.2}s",
+                "  {run_id}  {:<10} +{:.2}s",
+                state.as_str(),
                 started.elapsed().as_secs_f64()
             );
-            seen = state.clone();
+            seen = Some(state);
         }
-        if TERMINAL_STATES.contains(&state.as_str()) || until == Some(state.as_str()) {
+        if state.is_terminal() || until == Some(state) {
             return Ok(item);
         }
         if started.elapsed() > DEMO_TIMEOUT {
@@ -325,7 +359,7 @@ pub fn processes_of_run(run_id: &str) -> Vec<u32> {
         .collect()
 }
 
-fn print_examples(base_url: &str) {
+fn print_examples(base_url: &str, admin_address: SocketAddr) {
     let auth = format!("-H 'Authorization: Bearer {API_KEY}'");
     println!("The stack keeps serving; press Ctrl-C to stop. Try:");
     println!();
@@ -341,87 +375,47 @@ fn print_examples(base_url: &str) {
     println!("  # one run, and cancelling it");
     println!("  curl -s {auth} {base_url}/api/v1/agent/runs/RUN_ID");
     println!("  curl -s -X POST {auth} {base_url}/api/v1/agent/runs/RUN_ID/cancel");
+    println!("  # the fleet as operators see it: the CLI, or grpcurl on the admin API");
+    println!("  ozfleet nodes --admin {admin_address}");
+    println!("  grpcurl -plaintext {admin_address} ozfleet.v1.AdminService/ListTasks");
     println!();
 }
 
-/// A small blocking client of the control plane's run API, driven from the runtime's
-/// blocking pool.
+/// The run API client, driven from the runtime's blocking pool because it blocks.
 #[derive(Clone)]
-struct Api {
-    base_url: String,
-    agent: ureq::Agent,
-}
+struct Api(RunClient);
 
 impl Api {
     fn new(base_url: &str) -> Self {
-        let agent = ureq::Agent::config_builder()
-            .http_status_as_error(false)
-            .timeout_global(Some(Duration::from_secs(10)))
-            .build()
-            .into();
-        Self {
-            base_url: base_url.to_owned(),
-            agent,
-        }
+        Self(RunClient::new(base_url, API_KEY.into()))
     }
 
-    async fn call(
+    async fn call<T: Send + 'static>(
         &self,
-        method: &'static str,
-        path: String,
-        body: Option<Value>,
-    ) -> anyhow::Result<Value> {
-        let api = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let url = format!("{}{path}", api.base_url);
-            let auth = format!("Bearer {API_KEY}");
-            let mut response = match (method, body) {
-                ("GET", _) => api.agent.get(&url).header("Authorization", &auth).call(),
-                (_, Some(body)) => api
-                    .agent
-                    .post(&url)
-                    .header("Authorization", &auth)
-                    .send_json(body),
-                (_, None) => api
-                    .agent
-                    .post(&url)
-                    .header("Authorization", &auth)
-                    .send_empty(),
-            }
-            .with_context(|| format!("{method} {url}"))?;
-            let status = response.status();
-            let value: Value = response
-                .body_mut()
-                .read_json()
-                .with_context(|| format!("{method} {url}: response is not JSON"))?;
-            if !status.is_success() {
-                bail!("{method} {url}: HTTP {status}: {value}");
-            }
-            Ok(value)
-        })
-        .await?
+        call: impl FnOnce(&RunClient) -> Result<T, ClientError> + Send + 'static,
+    ) -> anyhow::Result<T> {
+        let client = self.0.clone();
+        Ok(tokio::task::spawn_blocking(move || call(&client)).await??)
     }
 
     async fn create(&self, prompt: &str) -> anyhow::Result<String> {
-        let body =
-            json!({ "prompt": prompt, "title": prompt, "config": { "worker_host": WORKER_ID } });
-        let created = self
-            .call("POST", "/api/v1/agent/runs".into(), Some(body))
-            .await?;
-        let run_id = created["run_id"]
-            .as_str()
-            .context("no run_id in the response")?;
-        println!("  POST /api/v1/agent/runs {{\"prompt\": {prompt:?}}} → run {run_id}");
-        Ok(run_id.to_owned())
+        let request = RunRequest::new(prompt, WORKER_ID).with_title(prompt);
+        let created = self.call(move |client| client.submit(&request)).await?;
+        println!(
+            "  POST /api/v1/agent/runs {{\"prompt\": {prompt:?}}} → run {}",
+            created.run_id
+        );
+        Ok(created.run_id)
     }
 
-    async fn get(&self, run_id: &str) -> anyhow::Result<Value> {
-        self.call("GET", format!("/api/v1/agent/runs/{run_id}"), None)
-            .await
+    async fn get(&self, run_id: &str) -> anyhow::Result<RunItem> {
+        let run_id = run_id.to_owned();
+        self.call(move |client| client.get(&run_id)).await
     }
 
-    async fn cancel(&self, run_id: &str) -> anyhow::Result<Value> {
-        self.call("POST", format!("/api/v1/agent/runs/{run_id}/cancel"), None)
-            .await
+    async fn cancel(&self, run_id: &str) -> anyhow::Result<()> {
+        let run_id = run_id.to_owned();
+        self.call(move |client| client.cancel(&run_id)).await?;
+        Ok(())
     }
 }

@@ -2,7 +2,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use ozfleet_gateway::{
-    FleetTimings, GatewayConfig, JoinToken, Keepalive, ProxyEnv, UpstreamConfig,
+    AdminToken, FleetTimings, GatewayConfig, GatewayListeners, JoinToken, Keepalive, ProxyEnv,
+    UpstreamConfig,
 };
 use ozfleet_proto::v1::UpstreamSettings;
 use ozfleet_worker_config::{FileConfig, WorkerFlags, merge};
@@ -12,10 +13,14 @@ use crate::runtime::shutdown_on_signal;
 
 pub async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let config = config(&args)?;
-    let listener = tokio::net::TcpListener::bind(args.listen)
+    let node = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("cannot listen on {}", args.listen))?;
-    ozfleet_gateway::run(listener, config, shutdown_on_signal()).await?;
+        .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
+    let admin = tokio::net::TcpListener::bind(args.admin_listen)
+        .await
+        .with_context(|| format!("cannot listen on {} (--admin-listen)", args.admin_listen))?;
+    let listeners = GatewayListeners { node, admin };
+    ozfleet_gateway::run(listeners, config, shutdown_on_signal()).await?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -51,6 +56,9 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
             worker_id,
         },
         join_token: JoinToken::new(super::join_token(&args.join_token)?)?,
+        admin_token: super::admin_token(&args.admin_token)?
+            .map(AdminToken::new)
+            .transpose()?,
         timings: FleetTimings::default(),
     })
 }

@@ -1,5 +1,6 @@
 //! One module per subcommand; each turns flags into a component config and runs it.
 
+pub mod admin;
 pub mod agent;
 pub mod control_plane;
 pub mod dev;
@@ -7,23 +8,48 @@ pub mod gateway;
 
 use anyhow::{Context, bail};
 
-use crate::cli::JoinTokenArgs;
+use crate::cli::{AdminTokenArgs, JoinTokenArgs};
 
 /// The join token from `--join-token-file`, or `--join-token` / `OZFLEET_JOIN_TOKEN`.
 fn join_token(args: &JoinTokenArgs) -> anyhow::Result<String> {
-    let token = match (&args.join_token_file, &args.join_token) {
+    secret_from(
+        "join token",
+        args.join_token_file.as_deref(),
+        args.join_token.as_deref(),
+    )?
+    .ok_or_else(|| {
+        anyhow::anyhow!(
+            "a join token is required: pass --join-token-file or set OZFLEET_JOIN_TOKEN"
+        )
+    })
+}
+
+/// The admin token from `--admin-token-file` or `OZFLEET_ADMIN_TOKEN`, if any.
+fn admin_token(args: &AdminTokenArgs) -> anyhow::Result<Option<String>> {
+    secret_from(
+        "admin token",
+        args.admin_token_file.as_deref(),
+        args.admin_token.as_deref(),
+    )
+}
+
+/// A secret from its file (preferred) or its value; an empty one is an error.
+fn secret_from(
+    what: &str,
+    file: Option<&std::path::Path>,
+    value: Option<&str>,
+) -> anyhow::Result<Option<String>> {
+    let token = match (file, value) {
         (Some(path), _) => std::fs::read_to_string(path)
-            .with_context(|| format!("cannot read join token file {}", path.display()))?,
-        (None, Some(token)) => token.clone(),
-        (None, None) => {
-            bail!("a join token is required: pass --join-token-file or set OZFLEET_JOIN_TOKEN")
-        }
+            .with_context(|| format!("cannot read {what} file {}", path.display()))?,
+        (None, Some(token)) => token.to_owned(),
+        (None, None) => return Ok(None),
     };
     let token = token.trim().to_owned();
     if token.is_empty() {
-        bail!("the join token is empty");
+        bail!("the {what} is empty");
     }
-    Ok(token)
+    Ok(Some(token))
 }
 
 fn process_env(name: &str) -> Option<String> {
