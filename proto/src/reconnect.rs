@@ -51,18 +51,29 @@ impl Backoff {
     }
 }
 
+/// What follows the end of a connection that proved stable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AfterStable {
+    /// Dial again at once: the reference worker's rule for its one connection to Oz.
+    Immediately,
+    /// Wait the jittered initial delay, so a fleet of dialers that lost a shared peer at
+    /// the same moment does not come back in lockstep.
+    AfterInitialDelay,
+}
+
 /// Keeps a connection up until `stop`: calls `connect_and_serve`, which dials, serves the
 /// connection until it ends and returns when it came up (`None` when it never did); then,
 /// unless `stop` fired, waits the jittered backoff delay and calls it again. A connection
-/// that stayed up for `stable_after` resets the backoff first, so the next attempt comes
-/// after the initial delay; that delay is still jittered, so dialers that lost a shared
-/// peer at the same moment do not come back in lockstep.
+/// that stayed up for `stable_after` resets the backoff first, and the next attempt comes
+/// as `after_stable` says. Shorter-lived connections count as failures, so a peer that
+/// accepts and closes at once is not hammered.
 ///
 /// `connect_and_serve` is never cancelled by this loop: it watches `stop` itself, so it
 /// can end its connection cleanly. Time is tokio's, so paused-time tests drive it.
 pub async fn reconnect_loop<F, Fut>(
     mut backoff: Backoff,
     stable_after: Duration,
+    after_stable: AfterStable,
     stop: &CancellationToken,
     mut connect_and_serve: F,
 ) where
@@ -76,6 +87,9 @@ pub async fn reconnect_loop<F, Fut>(
         }
         if connected_at.is_some_and(|at| at.elapsed() >= stable_after) {
             backoff.reset();
+            if after_stable == AfterStable::Immediately {
+                continue;
+            }
         }
         tokio::select! {
             () = tokio::time::sleep(backoff.next_delay()) => {}
@@ -110,7 +124,7 @@ mod tests {
 
     /// Records when each attempt starts; `up_for` says how long each attempt stays
     /// connected (`None`: the dial fails).
-    async fn attempts(up_for: Vec<Option<Duration>>) -> Vec<Duration> {
+    async fn attempts(after_stable: AfterStable, up_for: Vec<Option<Duration>>) -> Vec<Duration> {
         let stop = CancellationToken::new();
         let start = Instant::now();
         let starts = Arc::new(Mutex::new(Vec::new()));
@@ -118,6 +132,7 @@ mod tests {
         reconnect_loop(
             Backoff::new(Duration::from_secs(1), Duration::from_secs(8)),
             Duration::from_secs(10),
+            after_stable,
             &stop,
             || {
                 let (stop, starts, plan) = (stop.clone(), starts.clone(), plan.clone());
@@ -149,7 +164,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn failures_back_off_and_a_stable_connection_resets_the_delay() {
-        let starts = attempts(vec![None, None, None, Some(Duration::from_secs(30)), None]).await;
+        let starts = attempts(
+            AfterStable::AfterInitialDelay,
+            vec![None, None, None, Some(Duration::from_secs(30)), None],
+        )
+        .await;
         let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
         assert_eq!(gaps.len(), 5, "{gaps:?}");
         assert_within(gaps[0], 1.0);
@@ -161,8 +180,29 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn after_a_stable_connection_the_upstream_rule_redials_at_once() {
+        let starts = attempts(
+            AfterStable::Immediately,
+            vec![None, Some(Duration::from_secs(30)), None],
+        )
+        .await;
+        let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_within(gaps[0], 1.0);
+        assert_eq!(
+            gaps[1],
+            Duration::from_secs(30),
+            "no wait after a stable connection"
+        );
+        assert_within(gaps[2], 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_short_connection_keeps_backing_off() {
-        let starts = attempts(vec![None, Some(Duration::from_secs(2)), None]).await;
+        let starts = attempts(
+            AfterStable::Immediately,
+            vec![None, Some(Duration::from_secs(2)), None],
+        )
+        .await;
         let gaps: Vec<Duration> = starts.windows(2).map(|w| w[1] - w[0]).collect();
         assert_within(gaps[0], 1.0);
         assert_within(gaps[1] - Duration::from_secs(2), 2.0);
@@ -176,6 +216,7 @@ mod tests {
         let reconnecting = reconnect_loop(
             Backoff::new(Duration::from_secs(60), Duration::from_secs(60)),
             Duration::from_secs(10),
+            AfterStable::Immediately,
             &stop,
             || {
                 calls += 1;

@@ -23,7 +23,7 @@ use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt as _, StreamExt as _};
 use ozfleet_proto::oz::{self, FailureReason};
-use ozfleet_proto::reconnect::{Backoff, reconnect_loop};
+use ozfleet_proto::reconnect::{AfterStable, Backoff, reconnect_loop};
 use ozfleet_proto::v1::node_service_client::NodeServiceClient;
 use ozfleet_proto::v1::{
     self, AttachRequest, AttachResponse, NodeHello, TaskOutcome, TaskRef, attach_request,
@@ -274,21 +274,27 @@ impl Node {
 
     async fn stay_connected(self: &Arc<Self>, stop: &CancellationToken) {
         let backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(30));
-        reconnect_loop(backoff, STABLE_CONNECTION, stop, || async {
-            let mut connected_at = None;
-            let result = tokio::select! {
-                result = self.session(&mut connected_at) => result,
-                () = stop.cancelled() => Ok(()),
-            };
-            self.lock().link = None;
-            if !stop.is_cancelled() {
-                match result {
-                    Ok(()) => warn!("Gateway closed the attach stream; reconnecting"),
-                    Err(error) => error!("Gateway connection failed: {error:#}"),
+        reconnect_loop(
+            backoff,
+            STABLE_CONNECTION,
+            AfterStable::AfterInitialDelay,
+            stop,
+            || async {
+                let mut connected_at = None;
+                let result = tokio::select! {
+                    result = self.session(&mut connected_at) => result,
+                    () = stop.cancelled() => Ok(()),
+                };
+                self.lock().link = None;
+                if !stop.is_cancelled() {
+                    match result {
+                        Ok(()) => warn!("Gateway closed the attach stream; reconnecting"),
+                        Err(error) => error!("Gateway connection failed: {error:#}"),
+                    }
                 }
-            }
-            connected_at
-        })
+                connected_at
+            },
+        )
         .await;
     }
 

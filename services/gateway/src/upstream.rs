@@ -3,11 +3,11 @@
 //! deadline, 10 s write deadline, jittered exponential reconnect backoff.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use ozfleet_proto::oz::{self, ServerMessage};
-use ozfleet_proto::reconnect::Backoff;
+use ozfleet_proto::reconnect::{AfterStable, Backoff, reconnect_loop};
 use secrecy::{ExposeSecret, SecretString};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -96,44 +96,39 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let url = connect_url(&config.web_socket_url, &config.worker_id)?;
-    let mut backoff = Backoff::upstream();
-    while !shutdown.is_cancelled() {
-        info!("Connecting to {url}");
-        let outcome = tokio::select! {
-            outcome = dial(&url, &config) => outcome,
-            () = shutdown.cancelled() => break,
-        };
-        let stable = match outcome {
-            Ok(socket) => {
-                info!("Connected to Oz as worker {}", config.worker_id);
-                fleet.set_upstream_connected(true);
-                let started = Instant::now();
-                let end = serve(socket, &config.keepalive, &outbox, &fleet, &shutdown).await;
-                fleet.set_upstream_connected(false);
-                match end {
-                    ConnectionEnd::Shutdown => break,
-                    ConnectionEnd::Lost(reason) => {
-                        warn!("Connection closed ({reason}), will attempt to reconnect")
+    // Like the reference: after a connection that was up, dial again at once; failures
+    // and short-lived connections back off (1 s doubling to 60 s, jittered).
+    reconnect_loop(
+        Backoff::upstream(),
+        config.keepalive.stable_after,
+        AfterStable::Immediately,
+        &shutdown,
+        || async {
+            info!("Connecting to {url}");
+            let outcome = tokio::select! {
+                outcome = dial(&url, &config) => outcome,
+                () = shutdown.cancelled() => return None,
+            };
+            match outcome {
+                Ok(socket) => {
+                    info!("Connected to Oz as worker {}", config.worker_id);
+                    fleet.set_upstream_connected(true);
+                    let connected_at = tokio::time::Instant::now();
+                    let end = serve(socket, &config.keepalive, &outbox, &fleet, &shutdown).await;
+                    fleet.set_upstream_connected(false);
+                    if let ConnectionEnd::Lost(reason) = end {
+                        warn!("Connection closed ({reason}), will attempt to reconnect");
                     }
+                    Some(connected_at)
                 }
-                started.elapsed() >= config.keepalive.stable_after
+                Err(error) => {
+                    error!("Failed to connect to {url}: {error}");
+                    None
+                }
             }
-            Err(error) => {
-                error!("Failed to connect to {url}: {error}");
-                false
-            }
-        };
-        if stable {
-            backoff.reset();
-            continue;
-        }
-        let delay = backoff.next_delay();
-        debug!("Reconnecting in {delay:?}");
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = shutdown.cancelled() => break,
-        }
-    }
+        },
+    )
+    .await;
     Ok(())
 }
 

@@ -1,0 +1,190 @@
+//! The gateway's fleet and a real node agent session in one process, joined by an
+//! in-process attach stream instead of gRPC: what Oz is told when a backend misbehaves.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::{FutureExt, StreamExt};
+use ozfleet_agent::backend::{TaskBackend, TaskFailure, TaskRun};
+use ozfleet_agent::node::{Inbound, Outbound};
+use ozfleet_agent::{GatewayConnector, NodeConfig};
+use ozfleet_gateway::fleet::FleetEvent;
+use ozfleet_gateway::outbox::Outbox;
+use ozfleet_gateway::{Fleet, FleetTimings, node_api};
+use ozfleet_proto::oz::{self, ServerMessage, WorkerMessage};
+use ozfleet_proto::v1::{BackendKind, UpstreamSettings};
+use tokio::sync::broadcast;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+const WORKER_ID: &str = "in-process";
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Attaches the node straight to the fleet, as the gRPC endpoint would.
+struct InProcess {
+    fleet: Arc<Fleet>,
+    streams: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl GatewayConnector for InProcess {
+    fn attach(&self, outbound: Outbound) -> BoxFuture<'_, anyhow::Result<Inbound>> {
+        Box::pin(async move {
+            let inbound = node_api::open_attach(
+                &self.fleet,
+                &self.streams,
+                self.stop.clone(),
+                outbound.map(Ok),
+            )
+            .await?;
+            Ok(inbound.boxed())
+        })
+    }
+}
+
+/// Panics on the tasks it is told to, succeeds on the others.
+struct PanickyBackend {
+    panic_on: Mutex<Vec<String>>,
+}
+
+impl TaskBackend for PanickyBackend {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Direct
+    }
+
+    fn execute(
+        &self,
+        task: TaskRun,
+        _cancel: CancellationToken,
+    ) -> BoxFuture<'_, Result<(), TaskFailure>> {
+        let panics = self.panic_on.lock().unwrap().contains(&task.task_id);
+        Box::pin(async move {
+            if panics {
+                panic!("backend bug while running {}", task.task_id);
+            }
+            Ok(())
+        })
+    }
+}
+
+fn assign(fleet: &Fleet, task_id: &str) {
+    let frame = format!(
+        r#"{{"type":"task_assignment","data":{{"task_id":"{task_id}","execution_id":"exec-{task_id}","task":{{"id":"{task_id}","title":"t"}}}}}}"#
+    );
+    let Ok(ServerMessage::TaskAssignment {
+        assignment,
+        raw_data,
+    }) = oz::parse_server_message(&frame)
+    else {
+        panic!("test assignment must parse");
+    };
+    fleet.on_assignment(&assignment, raw_data.get().as_bytes());
+}
+
+async fn wait_for(
+    events: &mut broadcast::Receiver<FleetEvent>,
+    matches: impl Fn(&FleetEvent) -> bool,
+) -> FleetEvent {
+    loop {
+        let event = tokio::time::timeout(WAIT, events.recv())
+            .await
+            .expect("the event in time")
+            .expect("event stream open");
+        if matches(&event) {
+            return event;
+        }
+    }
+}
+
+/// What was queued for Oz, each message taken as written.
+fn upstream(outbox: &Outbox, fleet: &Fleet) -> Vec<WorkerMessage> {
+    let mut sent = Vec::new();
+    while let Some(queued) = outbox.front().now_or_never() {
+        outbox.mark_sent(&queued);
+        fleet.relayed(&queued);
+        sent.push(queued.message);
+    }
+    sent
+}
+
+#[tokio::test]
+async fn a_panicking_backend_yields_one_unknown_failure_upstream_and_frees_the_slot() {
+    let outbox = Arc::new(Outbox::default());
+    let settings = UpstreamSettings {
+        worker_id: WORKER_ID.into(),
+        ..Default::default()
+    };
+    let fleet = Fleet::new(outbox.clone(), settings, FleetTimings::default());
+    let mut events = fleet.subscribe();
+    let stop = CancellationToken::new();
+    let streams = TaskTracker::new();
+    let state = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        state_dir: state.path().to_path_buf(),
+        node_name: "node-a".into(),
+        labels: BTreeMap::new(),
+        // One slot: the second task runs only if the panic freed it.
+        max_concurrent_tasks: 1,
+        idle_on_complete: None,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let backend = Arc::new(PanickyBackend {
+        panic_on: Mutex::new(vec!["run-1".into()]),
+    });
+    let connector = Arc::new(InProcess {
+        fleet: fleet.clone(),
+        streams: streams.clone(),
+        stop: stop.clone(),
+    });
+    let mut agent = JoinSet::new();
+    agent.spawn(ozfleet_agent::run(config, backend, connector, stop.clone()));
+    wait_for(&mut events, |event| {
+        matches!(event, FleetEvent::NodeAttached { .. })
+    })
+    .await;
+
+    assign(&fleet, "run-1");
+    wait_for(
+        &mut events,
+        |event| matches!(event, FleetEvent::TaskFinished { task_id, .. } if task_id == "run-1"),
+    )
+    .await;
+    let sent = upstream(&outbox, &fleet);
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    assert_eq!(sent[0], WorkerMessage::claimed("run-1", WORKER_ID));
+    let WorkerMessage::TaskFailed(failed) = &sent[1] else {
+        panic!("expected task_failed, got {:?}", sent[1]);
+    };
+    assert_eq!(failed.failure_reason, "unknown");
+    assert!(
+        !failed.message.contains("backend bug"),
+        "no panic text upstream"
+    );
+
+    // The node acknowledges and reports nothing more for run-1, and its one slot is free.
+    assign(&fleet, "run-2");
+    wait_for(
+        &mut events,
+        |event| matches!(event, FleetEvent::TaskFinished { task_id, .. } if task_id == "run-2"),
+    )
+    .await;
+    assert_eq!(
+        upstream(&outbox, &fleet),
+        vec![
+            WorkerMessage::claimed("run-2", WORKER_ID),
+            WorkerMessage::completed("run-2")
+        ]
+    );
+    wait_for(
+        &mut events,
+        |event| matches!(event, FleetEvent::OutcomeRelayed { task_id, .. } if task_id == "run-2"),
+    )
+    .await;
+    assert_eq!(fleet.snapshot().nodes[0].active_tasks, 0);
+
+    stop.cancel();
+    agent.join_next().await.unwrap().unwrap().unwrap();
+}
