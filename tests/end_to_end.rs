@@ -7,23 +7,10 @@ use std::collections::HashSet;
 use std::process::Command;
 use std::time::Duration;
 
-use common::Stack;
+use common::{Stack, accepted_task_ids, grpcurl};
 use ozfleet::processes_of_run;
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The task ids an agent's log says it accepted.
-fn accepted_task_ids(log: &str) -> HashSet<String> {
-    log.lines()
-        .filter(|line| line.contains("Task accepted"))
-        .filter_map(|line| {
-            let start = line.find("task_id=")? + "task_id=".len();
-            let rest = line[start..].trim_start_matches('"');
-            let end = rest.find(|c: char| c == '"' || c.is_whitespace())?;
-            Some(rest[..end].to_owned())
-        })
-        .collect()
-}
 
 #[test]
 fn twenty_runs_are_spread_over_two_agents_and_all_succeed() {
@@ -153,29 +140,7 @@ fn runs_survive_a_control_plane_restart() {
     // No agent yet: the run stays queued.
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(stack.api.get(&run)["state"], "QUEUED");
-    stack
-        .control_plane
-        .terminate(Duration::from_secs(10))
-        .expect("control plane exits on SIGTERM");
-
-    let port = stack.http_port;
-    stack.control_plane = common::Proc::spawn(
-        "control-plane-2",
-        stack.dir.path(),
-        &[
-            "control-plane",
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-            "--database",
-            stack.dir.path().join("runs.db").to_str().unwrap(),
-        ],
-        &[("WARP_API_KEY", common::API_KEY)],
-    );
-    common::wait_until(
-        Duration::from_secs(20),
-        "the control plane to return",
-        || stack.api.is_up(),
-    );
+    stack.restart_control_plane();
     assert_eq!(stack.api.get(&run)["state"], "QUEUED");
     let _agent = stack.agent("agent-a", &[]);
     stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
@@ -316,23 +281,6 @@ fn setup_commands_cannot_see_the_join_token() {
     assert!(env.contains(&format!("OZ_RUN_ID={run}")), "{env}");
     assert!(!env.contains("OZFLEET_JOIN_TOKEN"), "{env}");
     assert!(!env.contains(common::JOIN_TOKEN), "{env}");
-}
-
-/// grpcurl, as installed by tests/install-tools.sh.
-fn grpcurl() -> std::path::PathBuf {
-    let path = std::env::var_os("OZFLEET_GRPCURL")
-        .map(std::path::PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME")
-                .map(|home| std::path::Path::new(&home).join(".cache/ozfleet-tools/bin/grpcurl"))
-        })
-        .expect("HOME or OZFLEET_GRPCURL is set");
-    assert!(
-        path.exists(),
-        "grpcurl not found at {}: run tests/install-tools.sh",
-        path.display()
-    );
-    path
 }
 
 #[test]

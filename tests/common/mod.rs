@@ -93,6 +93,36 @@ pub fn wait_until(timeout: Duration, what: &str, mut condition: impl FnMut() -> 
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// grpcurl, as installed by tests/install-tools.sh (`OZFLEET_GRPCURL` overrides).
+pub fn grpcurl() -> PathBuf {
+    let path = std::env::var_os("OZFLEET_GRPCURL")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME")
+                .map(|home| Path::new(&home).join(".cache/ozfleet-tools/bin/grpcurl"))
+        })
+        .expect("HOME or OZFLEET_GRPCURL is set");
+    assert!(
+        path.exists(),
+        "grpcurl not found at {}: run tests/install-tools.sh",
+        path.display()
+    );
+    path
+}
+
+/// The task ids an agent's log says it accepted.
+pub fn accepted_task_ids(log: &str) -> std::collections::HashSet<String> {
+    log.lines()
+        .filter(|line| line.contains("Task accepted"))
+        .filter_map(|line| {
+            let start = line.find("task_id=")? + "task_id=".len();
+            let rest = line[start..].trim_start_matches('"');
+            let end = rest.find(|c: char| c == '"' || c.is_whitespace())?;
+            Some(rest[..end].to_owned())
+        })
+        .collect()
+}
+
 /// A child process whose stderr (logs) goes to a file; killed when dropped.
 pub struct Proc {
     pub name: String,
@@ -259,6 +289,11 @@ impl Stack {
 
     /// Like [`Stack::start`], with extra `ozfleet control-plane` arguments.
     pub fn start_with(control_plane_args: &[&str]) -> Self {
+        Self::start_full(control_plane_args, &[])
+    }
+
+    /// Like [`Stack::start`], with extra control plane arguments and gateway environment.
+    pub fn start_full(control_plane_args: &[&str], gateway_env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let http_port = free_port();
         let listen = format!("127.0.0.1:{http_port}");
@@ -303,9 +338,13 @@ impl Stack {
                 &format!("127.0.0.1:{admin_port}"),
             ],
             &[
-                ("WARP_API_KEY", API_KEY),
-                ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN),
-            ],
+                &[
+                    ("WARP_API_KEY", API_KEY),
+                    ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN),
+                ],
+                gateway_env,
+            ]
+            .concat(),
         );
         gateway.wait_for_log("Connected to Oz", Duration::from_secs(20));
         Self {
@@ -317,6 +356,62 @@ impl Stack {
             http_port,
             api,
         }
+    }
+
+    /// Stops the control plane (SIGTERM) and starts it again on the same port and database.
+    pub fn restart_control_plane(&mut self) {
+        self.control_plane
+            .terminate(Duration::from_secs(10))
+            .expect("control plane exits on SIGTERM");
+        let listen = format!("127.0.0.1:{}", self.http_port);
+        let database = self.dir.path().join("runs.db");
+        self.control_plane = Proc::spawn(
+            "control-plane-restarted",
+            self.dir.path(),
+            &[
+                "control-plane",
+                "--listen",
+                &listen,
+                "--database",
+                database.to_str().unwrap(),
+            ],
+            &[("WARP_API_KEY", API_KEY)],
+        );
+        wait_until(
+            Duration::from_secs(20),
+            "the control plane to return",
+            || self.api.is_up(),
+        );
+    }
+
+    /// The node id an agent started with [`Stack::agent`] as `name` keeps in its state dir.
+    pub fn node_id(&self, name: &str) -> String {
+        let path = self
+            .dir
+            .path()
+            .join(format!("{name}-state"))
+            .join("node-id");
+        std::fs::read_to_string(&path)
+            .unwrap_or_else(|error| panic!("read {}: {error}", path.display()))
+            .trim()
+            .to_owned()
+    }
+
+    /// `ozfleet <args> --admin <this gateway's admin API>`: (success, stdout, stderr).
+    pub fn cli(&self, args: &[&str], envs: &[(&str, &str)]) -> (bool, String, String) {
+        let output = Command::new(ozfleet())
+            .args(args)
+            .args(["--admin", &format!("127.0.0.1:{}", self.admin_port)])
+            .env_remove("OZFLEET_ADMIN_TOKEN")
+            .envs(envs.iter().copied())
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the ozfleet CLI");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
     }
 
     /// Starts a Direct node agent named `name` running the demo agent; waits until the

@@ -41,6 +41,17 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
     };
     let merged = merge(flags, file, &super::process_env)?;
     let worker_id = merged.require_worker_id()?.to_owned();
+    let admin_token = super::admin_token(&args.admin_token)?
+        .map(AdminToken::new)
+        .transpose()?;
+    // Checked before anything binds: an open admin API must not appear even briefly.
+    if admin_token.is_none() && !args.admin_listen.ip().is_loopback() {
+        bail!(
+            "--admin-listen {} is reachable from other hosts but no admin token is set: \
+             set --admin-token-file or OZFLEET_ADMIN_TOKEN, or listen on loopback",
+            args.admin_listen
+        );
+    }
     Ok(GatewayConfig {
         upstream: UpstreamConfig {
             web_socket_url: args.web_socket_url.clone(),
@@ -56,9 +67,7 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
             worker_id,
         },
         join_token: JoinToken::new(super::join_token(&args.join_token)?)?,
-        admin_token: super::admin_token(&args.admin_token)?
-            .map(AdminToken::new)
-            .transpose()?,
+        admin_token,
         timings: FleetTimings::default(),
     })
 }
