@@ -18,7 +18,7 @@
 //! This module owns the backend: its configuration, the daemon connection and the order
 //! of a task's steps. The parts live next to it: [`lifecycle`] (a container from create
 //! to removal), [`spec`] (what a task container is made of), [`naming`], [`errors`],
-//! [`images`] and [`auth`] (making an image available, with the CLI's registry
+//! [`pull`] and [`auth`] (making an image available, with the CLI's registry
 //! credentials), [`reference`] (image reference parsing) and [`sidecars`] (sidecar
 //! volumes).
 //!
@@ -26,9 +26,9 @@
 
 mod auth;
 mod errors;
-mod images;
 mod lifecycle;
 mod naming;
+mod pull;
 mod reference;
 mod sidecars;
 mod spec;
