@@ -207,6 +207,7 @@ pub fn event_message(event: &FleetEvent, at: SystemTime) -> pb::WatchEventsRespo
     match event {
         FleetEvent::UpstreamConnected => set("upstream_connected", "", "", ""),
         FleetEvent::UpstreamDisconnected => set("upstream_disconnected", "", "", ""),
+        FleetEvent::UpstreamDialFailed => set("upstream_dial_failed", "", "", ""),
         FleetEvent::NodeAttached {
             node_id,
             epoch: attached_epoch,
@@ -269,6 +270,7 @@ pub fn event_message(event: &FleetEvent, at: SystemTime) -> pb::WatchEventsRespo
             task_id,
             execution_id,
             node_id,
+            ..
         } => set("task_claimed", node_id, task_id, execution_id),
         FleetEvent::TaskStarted {
             task_id,
@@ -281,8 +283,17 @@ pub fn event_message(event: &FleetEvent, at: SystemTime) -> pb::WatchEventsRespo
                 detail = "adopted".into();
             }
         }
-        FleetEvent::TaskCancelRequested { task_id } => {
-            set("task_cancel_requested", "", task_id, "")
+        FleetEvent::TaskCancelRequested {
+            task_id,
+            by_operator,
+        } => {
+            set("task_cancel_requested", "", task_id, "");
+            detail = if *by_operator {
+                "by an operator"
+            } else {
+                "by Oz"
+            }
+            .into();
         }
         FleetEvent::TaskFinished {
             task_id,
@@ -290,6 +301,7 @@ pub fn event_message(event: &FleetEvent, at: SystemTime) -> pb::WatchEventsRespo
             node_id,
             result,
             lost,
+            ..
         } => {
             set("task_finished", node_id, task_id, execution_id);
             detail = match result {

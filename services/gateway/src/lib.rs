@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod fleet;
+pub mod metrics;
 pub mod node_api;
 pub mod outbox;
 pub mod proxy;
@@ -143,6 +144,24 @@ fn reflection_services() -> Result<
         builder().build_v1().map_err(error)?,
         builder().build_v1alpha().map_err(error)?,
     ))
+}
+
+/// [`run`] with the reference's metric catalog and the fleet metrics recorded on `meter`
+/// (see [`metrics`]).
+pub async fn run_with_metrics(
+    listeners: GatewayListeners,
+    config: GatewayConfig,
+    meter: &opentelemetry::metrics::Meter,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    let outbox = Arc::new(outbox::Outbox::default());
+    let fleet = Fleet::new(
+        outbox.clone(),
+        config.settings.clone(),
+        config.timings.clone(),
+    );
+    metrics::register(meter, &fleet, &config.upstream.worker_id);
+    run_with_fleet(listeners, config, fleet, outbox, shutdown).await
 }
 
 /// [`run`] with a fleet built by the caller, who can then watch its events and

@@ -123,6 +123,7 @@ pub async fn run(
                 }
                 Err(error) => {
                     error!("Failed to connect to {url}: {error}");
+                    fleet.upstream_dial_failed();
                     None
                 }
             }

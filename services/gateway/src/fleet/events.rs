@@ -5,7 +5,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use ozfleet_proto::v1::BackendKind;
 
@@ -35,7 +35,10 @@ pub enum RejectReason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FleetEvent {
     UpstreamConnected,
+    /// An established upstream connection ended.
     UpstreamDisconnected,
+    /// A dial to Oz failed (refused, handshake rejected, timed out).
+    UpstreamDialFailed,
     NodeAttached {
         node_id: Arc<str>,
         epoch: u64,
@@ -79,6 +82,8 @@ pub enum FleetEvent {
         task_id: String,
         execution_id: String,
         node_id: Arc<str>,
+        /// From the assignment's arrival to this claim; `None` for a repeated claim.
+        dispatch_latency: Option<Duration>,
     },
     /// The task runs on the node: it accepted the offer, or announced it after a restart
     /// (`adopted`).
@@ -90,6 +95,8 @@ pub enum FleetEvent {
     },
     TaskCancelRequested {
         task_id: String,
+        /// An operator (admin API) rather than Oz.
+        by_operator: bool,
     },
     /// The terminal report for the execution was queued for Oz (once per execution).
     /// `lost`: the gateway reported it because its node disappeared.
@@ -99,6 +106,8 @@ pub enum FleetEvent {
         node_id: Arc<str>,
         result: TaskResult,
         lost: bool,
+        /// How long it ran on its node (zero if it never started).
+        ran_for: Duration,
     },
     /// A cancellation dropped a task before any node claimed it: nothing runs or reports.
     TaskDropped {

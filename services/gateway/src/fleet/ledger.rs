@@ -7,6 +7,8 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use tokio::time::Instant;
+
 use super::deadlines::DeadlineKey;
 use super::events::{TaskSnapshot, TaskState};
 
@@ -40,6 +42,19 @@ pub struct Task {
     pub refused_by: HashSet<Arc<str>>,
     pub offer_deadline: Option<DeadlineKey>,
     pub since: SystemTime,
+    /// When Oz assigned it to this gateway (`None` for adopted tasks).
+    pub assigned_at: Option<Instant>,
+    /// When its node started running it.
+    pub running_since: Option<Instant>,
+}
+
+impl Task {
+    /// How long the task has run on its node.
+    pub fn ran_for(&self) -> std::time::Duration {
+        self.running_since
+            .map(|since| since.elapsed())
+            .unwrap_or_default()
+    }
 }
 
 impl Task {

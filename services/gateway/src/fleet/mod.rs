@@ -101,7 +101,13 @@ pub struct Fleet {
     events: broadcast::Sender<FleetEvent>,
 }
 
+/// Sees every event as it happens, under the fleet's lock: it must be quick and must not
+/// call back into the fleet (metrics counters are the use).
+pub type FleetObserver = Box<dyn Fn(&FleetEvent) + Send + Sync>;
+
 struct FleetState {
+    /// Synchronous observers: unlike broadcast subscribers they can never miss an event.
+    observers: Vec<FleetObserver>,
     registry: NodeRegistry,
     ledger: TaskLedger,
     placement: PlacementIndex,
@@ -126,6 +132,7 @@ impl Fleet {
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Arc::new(Self {
             state: Mutex::new(FleetState {
+                observers: Vec::new(),
                 registry: NodeRegistry::default(),
                 ledger: TaskLedger::default(),
                 placement: PlacementIndex::default(),
@@ -164,6 +171,11 @@ impl Fleet {
             self.deadline_scheduled.notify_one();
         }
         result
+    }
+
+    /// Calls `observer` with every event from now on, synchronously (see [`FleetObserver`]).
+    pub fn observe(&self, observer: FleetObserver) {
+        self.apply(|state| state.observers.push(observer));
     }
 
     /// Events from now on. A subscriber that falls more than [`EVENT_BUFFER`] events
@@ -208,6 +220,11 @@ impl Fleet {
                 });
             }
         });
+    }
+
+    /// A dial to Oz failed (for the reconnect metrics).
+    pub fn upstream_dial_failed(&self) {
+        self.apply(|state| state.emit(FleetEvent::UpstreamDialFailed));
     }
 
     pub fn on_assignment(&self, assignment: &OzAssignment, raw_json: &[u8]) {
@@ -380,6 +397,7 @@ impl FleetState {
         );
         self.emit(FleetEvent::TaskCancelRequested {
             task_id: task_id.to_owned(),
+            by_operator: true,
         });
         // A disconnected node gets it again from reconciliation when it returns.
         if let Some(node_id) = node_id {
@@ -390,6 +408,9 @@ impl FleetState {
     }
 
     fn emit(&self, event: FleetEvent) {
+        for observer in &self.observers {
+            observer(&event);
+        }
         // No subscriber is fine: events are for whoever listens.
         let _ = self.events.send(event);
     }
@@ -434,13 +455,20 @@ impl FleetState {
         );
     }
 
-    fn claim(&self, task_id: &str, execution_id: &str, node_id: &Arc<str>) {
+    fn claim(
+        &self,
+        task_id: &str,
+        execution_id: &str,
+        node_id: &Arc<str>,
+        dispatch_latency: Option<Duration>,
+    ) {
         self.outbox
             .push(WorkerMessage::claimed(task_id, &self.settings.worker_id));
         self.emit(FleetEvent::TaskClaimed {
             task_id: task_id.to_owned(),
             execution_id: execution_id.to_owned(),
             node_id: node_id.clone(),
+            dispatch_latency,
         });
     }
 
@@ -459,7 +487,7 @@ impl FleetState {
                         "Assignment for a task already running here; claiming it again"
                     );
                     let (execution_id, node_id) = (existing.execution_id.clone(), node_id.clone());
-                    self.claim(task_id, &execution_id, &node_id);
+                    self.claim(task_id, &execution_id, &node_id, None);
                 }
                 _ => warn!(
                     task_id,
@@ -486,6 +514,8 @@ impl FleetState {
                 refused_by: HashSet::new(),
                 offer_deadline: None,
                 since: SystemTime::now(),
+                assigned_at: Some(Instant::now()),
+                running_since: None,
             },
         );
         self.place(task_id);
@@ -522,6 +552,7 @@ impl FleetState {
         );
         self.emit(FleetEvent::TaskCancelRequested {
             task_id: task_id.to_owned(),
+            by_operator: false,
         });
         // A disconnected node gets it again from reconciliation when it returns.
         if let Some(node_id) = node_id {
@@ -676,10 +707,11 @@ impl FleetState {
                 let message = oz_mapping::operator_cancelled(task_id);
                 self.emit(FleetEvent::TaskFinished {
                     task_id: task_id.to_owned(),
-                    execution_id: task.execution_id,
                     node_id: Arc::from(""),
                     result: oz_mapping::result_of(&message),
                     lost: false,
+                    ran_for: task.ran_for(),
+                    execution_id: task.execution_id,
                 });
                 self.outbox.push(message);
             }
@@ -837,10 +869,11 @@ impl FleetState {
         let message = oz_mapping::lost_message(task_id, why);
         self.emit(FleetEvent::TaskFinished {
             task_id: task_id.to_owned(),
-            execution_id: task.execution_id,
             node_id,
             result: oz_mapping::result_of(&message),
             lost: true,
+            ran_for: task.ran_for(),
+            execution_id: task.execution_id,
         });
         self.outbox.push(message);
     }
@@ -877,15 +910,17 @@ impl FleetState {
         };
         task.phase = Phase::Running;
         task.since = SystemTime::now();
+        task.running_since = Some(Instant::now());
         if let Some(key) = task.offer_deadline.take() {
             self.deadlines.withdraw(key);
         }
         let execution_id = task.execution_id.clone();
+        let dispatch_latency = task.assigned_at.map(|at| at.elapsed());
         let Some(node_id) = task.node_id.clone() else {
             return;
         };
         info!(task_id, %node_id, "Node accepted the task; claiming it");
-        self.claim(task_id, &execution_id, &node_id);
+        self.claim(task_id, &execution_id, &node_id, dispatch_latency);
         self.emit(FleetEvent::TaskStarted {
             task_id: task_id.to_owned(),
             execution_id,
@@ -973,7 +1008,8 @@ impl FleetState {
         }
         if matches!(phase, Phase::Offered { .. }) {
             // The acceptance was lost with a connection; Oz needs the claim first.
-            self.claim(task_id, &task.execution_id, &owner);
+            let dispatch_latency = task.assigned_at.map(|at| at.elapsed());
+            self.claim(task_id, &task.execution_id, &owner, dispatch_latency);
         }
         if let Some(node) = self.registry.get_mut(node_id) {
             node.tasks.remove(task_id);
@@ -999,6 +1035,7 @@ impl FleetState {
             node_id: owner,
             result: oz_mapping::result_of(&message),
             lost: false,
+            ran_for: task.ran_for(),
         });
         let receipt = Receipt {
             node_id: node_id.to_owned(),

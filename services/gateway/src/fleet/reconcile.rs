@@ -136,6 +136,8 @@ impl FleetState {
                 refused_by: HashSet::new(),
                 offer_deadline: None,
                 since: SystemTime::now(),
+                assigned_at: None,
+                running_since: Some(Instant::now()),
             },
         );
         if let Some(node) = self.registry.get_mut(node_id) {

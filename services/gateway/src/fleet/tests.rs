@@ -357,6 +357,7 @@ async fn an_accepted_offer_is_claimed_once_and_its_outcome_relayed_once_then_ack
                 exit_code: 3
             },
             lost: false,
+            ran_for: Duration::ZERO,
         }]
     );
 }

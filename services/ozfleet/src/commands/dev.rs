@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ozfleet_agent::backend::{
     DirectBackend, DirectConfig, DirectSettings, DockerBackend, DockerConfig, DockerSettings,
-    ImagePullPolicy, TaskBackend,
+    ImagePullPolicy, KubernetesBackend, KubernetesConfig, TaskBackend,
 };
 use ozfleet_agent::identity::load_or_create_node_id;
 use ozfleet_agent::{GrpcConnector, NodeConfig};
@@ -24,6 +24,7 @@ use ozfleet_gateway::{
 };
 use ozfleet_proto::oz::WORKER_WEB_SOCKET_PATH;
 use ozfleet_proto::v1::UpstreamSettings;
+use ozfleet_telemetry::Telemetry;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
@@ -95,6 +96,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             "  node agent     Docker backend, image {}, sidecar {} at /agent",
             args.docker_image, args.sidecar_image
         ),
+        DevBackend::Kubernetes => println!(
+            "  node agent     Kubernetes backend, Jobs in namespace {:?}, image {}, sidecar {K8S_DEV_SIDECAR} at /agent",
+            k8s_dev_dir().1,
+            args.docker_image
+        ),
     }
     println!(
         "  admin API      {}  (ozfleet nodes --admin {0})",
@@ -158,7 +164,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
 
     let images = match args.backend {
         DevBackend::Direct => TaskImages::default(),
-        DevBackend::Docker => TaskImages {
+        DevBackend::Docker | DevBackend::Kubernetes => TaskImages {
             docker_image: args.docker_image.clone(),
             sidecar_image: args.sidecar_image.clone(),
         },
@@ -196,9 +202,15 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         admin: admin_listener,
     };
     let gateway = Part::spawn(|stop| async move {
-        ozfleet_gateway::run(listeners, gateway_config, stop)
-            .await
-            .map_err(anyhow::Error::from)
+        // The same OTEL_* environment as `ozfleet gateway` (metrics on localhost:9464 with
+        // OTEL_METRICS_EXPORTER=prometheus, for instance).
+        let identity = super::gateway_identity(&gateway_config.upstream.worker_id);
+        let telemetry = Telemetry::start(&identity, super::process_env).await;
+        let result =
+            ozfleet_gateway::run_with_metrics(listeners, gateway_config, &telemetry.meter(), stop)
+                .await;
+        telemetry.shutdown().await;
+        result.map_err(anyhow::Error::from)
     });
 
     let state_dir = workdir.join("agent-state");
@@ -231,6 +243,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
             .await
             .context("the Docker backend needs a Docker Engine and the demo images: run tests/docker/start-docker.sh")?,
         ),
+        DevBackend::Kubernetes => Arc::new(k8s_dev_backend(&state_dir).await?),
     };
     let connector = GrpcConnector::new(&format!("http://{gateway_address}"), join_token.into())?;
     let node_config = NodeConfig {
@@ -418,4 +431,52 @@ impl Api {
         self.call(move |client| client.cancel(&run_id)).await?;
         Ok(())
     }
+}
+
+/// The sidecar image the Kubernetes demo uses at /agent (the demo sidecar plus GNU tar,
+/// which the sidecar copy init container needs), built by tests/kubernetes/start-k8s.sh.
+const K8S_DEV_SIDECAR: &str = "localhost:5999/oz-k8s-sidecar:1";
+
+/// The agent kubeconfig and namespace prepared by tests/kubernetes/start-k8s.sh.
+fn k8s_dev_dir() -> (PathBuf, String) {
+    let dir = PathBuf::from(
+        std::env::var("OZFLEET_K8S_DIR").unwrap_or_else(|_| "/tmp/ozfleet-k8s".to_owned()),
+    );
+    let namespace = std::fs::read_to_string(dir.join("namespace"))
+        .map(|namespace| namespace.trim().to_owned())
+        .unwrap_or_else(|_| "default".to_owned());
+    (dir, namespace)
+}
+
+/// Tasks as Jobs on the local test cluster, with the RBAC-limited agent kubeconfig. The
+/// pods use the host network so the demo agent reaches the control plane on loopback.
+async fn k8s_dev_backend(state_dir: &Path) -> anyhow::Result<KubernetesBackend> {
+    let (dir, namespace) = k8s_dev_dir();
+    let merged = ozfleet_worker_config::merge(
+        ozfleet_worker_config::WorkerFlags {
+            backend: Some("kubernetes".into()),
+            ..Default::default()
+        },
+        None,
+        &|_| None,
+    )?;
+    let mut settings = merged
+        .kubernetes
+        .context("kubernetes settings are present for the kubernetes backend")?;
+    settings.kubeconfig = Some(dir.join("agent-kubeconfig"));
+    settings.namespace = namespace;
+    settings.image_pull_policy = ImagePullPolicy::IfNotPresent;
+    settings.preflight_image = "localhost:5999/busybox:1".into();
+    settings.sidecar_image = Some(K8S_DEV_SIDECAR.into());
+    settings.pod_template = Some(serde_json::json!({"hostNetwork": true}));
+    KubernetesBackend::new(KubernetesConfig {
+        node_id: load_or_create_node_id(state_dir)?,
+        worker_id: WORKER_ID.into(),
+        settings,
+        environment: Vec::new(),
+        cleanup: true,
+        cancel_grace: Duration::from_secs(5),
+    })
+    .await
+    .context("the Kubernetes backend needs the local cluster: run tests/docker/start-docker.sh && tests/kubernetes/start-k8s.sh")
 }

@@ -6,6 +6,7 @@ use ozfleet_gateway::{
     UpstreamConfig,
 };
 use ozfleet_proto::v1::UpstreamSettings;
+use ozfleet_telemetry::Telemetry;
 use ozfleet_worker_config::{FileConfig, WorkerFlags, merge};
 
 use crate::cli::GatewayArgs;
@@ -20,7 +21,20 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         .await
         .with_context(|| format!("cannot listen on {} (--admin-listen)", args.admin_listen))?;
     let listeners = GatewayListeners { node, admin };
-    ozfleet_gateway::run(listeners, config, shutdown_on_signal()).await?;
+    let telemetry = Telemetry::start(
+        &super::gateway_identity(&config.upstream.worker_id),
+        super::process_env,
+    )
+    .await;
+    let result = ozfleet_gateway::run_with_metrics(
+        listeners,
+        config,
+        &telemetry.meter(),
+        shutdown_on_signal(),
+    )
+    .await;
+    telemetry.shutdown().await;
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -52,6 +52,18 @@ fn secret_from(
     Ok(Some(token))
 }
 
+/// Who the gateway is to metrics and traces: the reference's service name and scope, so
+/// its dashboards and alert rules work unchanged.
+fn gateway_identity(worker_id: &str) -> ozfleet_telemetry::ServiceIdentity {
+    ozfleet_telemetry::ServiceIdentity {
+        service_name: ozfleet_gateway::metrics::SERVICE_NAME,
+        service_version: env!("CARGO_PKG_VERSION").to_owned(),
+        worker_id: worker_id.to_owned(),
+        backend: ozfleet_gateway::metrics::BACKEND.to_owned(),
+        scope: ozfleet_gateway::metrics::SCOPE,
+    }
+}
+
 fn process_env(name: &str) -> Option<String> {
     std::env::var(name).ok()
 }
