@@ -14,6 +14,8 @@ use ozfleet_control_plane::client::{ClientError, RunClient};
 use ozfleet_control_plane::run_api::{ListRuns, RunRequest};
 use serde_json::{Value, json};
 
+pub mod otlp;
+
 pub const API_KEY: &str = "e2e-api-key";
 pub const JOIN_TOKEN: &str = "e2e-join-token";
 pub const WORKER_ID: &str = "e2e-worker";
@@ -121,6 +123,16 @@ pub fn accepted_task_ids(log: &str) -> std::collections::HashSet<String> {
             Some(rest[..end].to_owned())
         })
         .collect()
+}
+
+/// Kills and reaps a child process (a third-party server a test started) when dropped.
+pub struct ChildGuard(pub Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// A child process whose stderr (logs) goes to a file; killed when dropped.
