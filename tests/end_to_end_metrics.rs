@@ -450,6 +450,97 @@ fn otlp_push_carries_the_catalog_the_resource_and_the_scope() {
     );
 }
 
+#[test]
+fn one_run_is_one_trace_across_the_gateway_and_the_node_agent() {
+    let receiver = OtlpReceiver::start();
+    let endpoint = receiver.endpoint();
+    let tracing = [
+        ("OTEL_TRACES_EXPORTER", "otlp"),
+        ("OTEL_METRICS_EXPORTER", "none"),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "200"),
+    ];
+    let stack = Stack::start_full(&[], &tracing);
+    let _agent = stack.agent_with_env("agent-a", &[], &tracing);
+    let run = stack.api.create("Say hello");
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+
+    // (service name, span) of every span received so far.
+    let spans = || {
+        let received = receiver.received.lock().unwrap();
+        received
+            .traces
+            .iter()
+            .flat_map(|request| &request.resource_spans)
+            .flat_map(|resource| {
+                let service = resource
+                    .resource
+                    .as_ref()
+                    .and_then(|resource| {
+                        resource.attributes.iter().find(|a| a.key == "service.name")
+                    })
+                    .and_then(
+                        |attribute| match attribute.value.as_ref()?.value.as_ref()? {
+                            AnyValue::StringValue(name) => Some(name.clone()),
+                            _ => None,
+                        },
+                    )
+                    .unwrap_or_default();
+                resource
+                    .scope_spans
+                    .iter()
+                    .flat_map(|scope| scope.spans.clone())
+                    .map(move |span| (service.clone(), span))
+            })
+            .collect::<Vec<_>>()
+    };
+    let is_run = |span: &opentelemetry_proto::tonic::trace::v1::Span| {
+        span.attributes.iter().any(|attribute| {
+            attribute.key == "task.id"
+                && matches!(
+                    attribute.value.as_ref().and_then(|value| value.value.as_ref()),
+                    Some(AnyValue::StringValue(id)) if *id == run
+                )
+        })
+    };
+    wait_until(Duration::from_secs(30), "both sides' spans", || {
+        let spans = spans();
+        spans
+            .iter()
+            .any(|(service, span)| service == "oz-agent-worker" && is_run(span))
+            && spans
+                .iter()
+                .any(|(service, span)| service == "ozfleet-agent" && is_run(span))
+    });
+    let spans = spans();
+    let (_, gateway) = spans
+        .iter()
+        .find(|(service, span)| service == "oz-agent-worker" && is_run(span))
+        .unwrap();
+    let (_, node) = spans
+        .iter()
+        .find(|(service, span)| service == "ozfleet-agent" && is_run(span))
+        .unwrap();
+    assert_eq!(gateway.name, "oz_worker.task");
+    assert_eq!(node.name, "ozfleet_agent.task");
+    assert_eq!(
+        node.trace_id, gateway.trace_id,
+        "one trace across the gRPC hop"
+    );
+    assert_eq!(
+        node.parent_span_id, gateway.span_id,
+        "the node's span is a child"
+    );
+    let events: Vec<&str> = gateway
+        .events
+        .iter()
+        .map(|event| event.name.as_str())
+        .collect();
+    for expected in ["task.assigned", "task.claimed", "task.completed"] {
+        assert!(events.contains(&expected), "{events:?}");
+    }
+}
+
 fn find_metric<'a>(
     request: &'a ExportMetricsServiceRequest,
     name: &str,

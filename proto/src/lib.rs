@@ -29,6 +29,7 @@ impl std::fmt::Debug for v1::TaskAssignment {
                 &format_args!("<{} bytes, redacted>", self.oz_assignment_json.len()),
             )
             .field("settings", &self.settings)
+            .field("trace_context", &self.trace_context)
             .finish()
     }
 }
@@ -44,6 +45,7 @@ mod tests {
             execution_id: "exec-1".into(),
             oz_assignment_json: br#"{"env_vars":{"WARP_API_KEY":"sk-live-secret"}}"#.to_vec(),
             settings: None,
+            trace_context: Default::default(),
         };
         let shown = format!("{assignment:?}");
         assert!(shown.contains("run-1"), "{shown}");

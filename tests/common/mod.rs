@@ -429,6 +429,11 @@ impl Stack {
     /// Starts a Direct node agent named `name` running the demo agent; waits until the
     /// gateway has it attached.
     pub fn agent(&self, name: &str, extra: &[&str]) -> Proc {
+        self.agent_with_env(name, extra, &[])
+    }
+
+    /// [`Stack::agent`] with extra environment variables.
+    pub fn agent_with_env(&self, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
         let workspaces = self.dir.path().join(format!("{name}-workspaces"));
         let demo_agent = demo_agent(self.dir.path());
         let mut args = vec![
@@ -440,12 +445,22 @@ impl Stack {
             demo_agent.to_str().unwrap(),
         ];
         args.extend_from_slice(extra);
-        self.node_agent(name, &args)
+        self.node_agent_with_env(name, &args, envs)
     }
 
     /// Starts a node agent named `name` with `backend_args`; its state dir is
     /// `<dir>/<name>-state`, so starting the same name again reuses the identity.
     pub fn node_agent(&self, name: &str, backend_args: &[&str]) -> Proc {
+        self.node_agent_with_env(name, backend_args, &[])
+    }
+
+    /// [`Stack::node_agent`] with extra environment variables.
+    pub fn node_agent_with_env(
+        &self,
+        name: &str,
+        backend_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
         let state_dir = self.dir.path().join(format!("{name}-state"));
         let gateway = format!("http://127.0.0.1:{}", self.gateway_port);
         let mut args = vec![
@@ -463,7 +478,7 @@ impl Stack {
             name,
             self.dir.path(),
             &args,
-            &[("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)],
+            &[&[("OZFLEET_JOIN_TOKEN", JOIN_TOKEN)], envs].concat(),
         );
         wait_until(
             Duration::from_secs(20),

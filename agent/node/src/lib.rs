@@ -11,7 +11,9 @@ pub mod backend;
 pub mod identity;
 pub mod images;
 pub mod node;
+pub mod observe;
 pub mod reported;
 pub mod task_env;
 
-pub use node::{CancelSource, GatewayConnector, GrpcConnector, NodeConfig, run};
+pub use node::{CancelSource, GatewayConnector, GrpcConnector, NodeConfig, run, run_observed};
+pub use observe::NodeTelemetry;

@@ -22,6 +22,10 @@ use anyhow::Context;
 use futures::future::BoxFuture;
 use futures::stream::BoxStream;
 use futures::{FutureExt as _, StreamExt as _};
+use opentelemetry::KeyValue;
+use opentelemetry::global::BoxedTracer;
+use opentelemetry::metrics::Meter;
+use opentelemetry::trace::Span as _;
 use ozfleet_proto::oz::{self, FailureReason};
 use ozfleet_proto::reconnect::{AfterStable, Backoff, reconnect_loop};
 use ozfleet_proto::v1::node_service_client::NodeServiceClient;
@@ -39,14 +43,27 @@ use tonic::metadata::MetadataValue;
 use tracing::{debug, error, info, warn};
 
 use crate::argv::{ArgvSettings, build_base_args};
-use crate::backend::{RecoveredTask, TaskBackend, TaskFailure, TaskRun};
+use crate::backend::{RecoveredTask, TaskBackend, TaskFailure, TaskRun, kind_name};
 use crate::identity::load_or_create_node_id;
 use crate::images;
+use crate::observe::{NodeMetrics, NodeTelemetry, end_span, execution_span};
 use crate::reported::ReportedLog;
 use crate::task_env::common_task_env;
 
 /// A connection that stayed up this long resets the reconnect backoff.
-const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+pub const STABLE_CONNECTION: Duration = Duration::from_secs(10);
+/// After a stable connection ends (typically: the gateway restarted), a node waits a
+/// uniformly drawn delay below this before its first dial, on top of the backoff's. A
+/// fleet that lost the gateway at one instant then comes back spread over this window
+/// (10,000 nodes: about 2,000 dials a second) instead of all within half a second.
+pub const REATTACH_SPREAD: Duration = Duration::from_secs(5);
+
+/// The extra wait before the first dial after a stable connection ended: uniform in
+/// `[0, REATTACH_SPREAD)`.
+pub fn reattach_spread() -> Duration {
+    use rand::Rng as _;
+    rand::rng().random_range(Duration::ZERO..REATTACH_SPREAD)
+}
 /// How long shutdown waits for the gateway to acknowledge the last outcomes.
 const ACK_WAIT: Duration = Duration::from_secs(3);
 const BACKEND_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -91,6 +108,7 @@ impl GrpcConnector {
         let endpoint = tonic::transport::Endpoint::from_shared(gateway_url.to_owned())
             .with_context(|| format!("invalid gateway URL {gateway_url:?}"))?
             .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
@@ -181,6 +199,8 @@ struct Node {
     runs: TaskTracker,
     /// Fired when the node stops: runs still going are dropped.
     abandon: CancellationToken,
+    metrics: NodeMetrics,
+    tracer: Option<BoxedTracer>,
 }
 
 /// Runs the node agent until `shutdown`, then cancels its tasks, waits for them
@@ -189,6 +209,24 @@ pub async fn run(
     config: NodeConfig,
     backend: Arc<dyn TaskBackend>,
     connector: Arc<dyn GatewayConnector>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    run_observed(
+        config,
+        backend,
+        connector,
+        NodeTelemetry::disabled(),
+        shutdown,
+    )
+    .await
+}
+
+/// [`run`], recording `ozfleet_agent_*` metrics and execution spans with `telemetry`.
+pub async fn run_observed(
+    config: NodeConfig,
+    backend: Arc<dyn TaskBackend>,
+    connector: Arc<dyn GatewayConnector>,
+    telemetry: NodeTelemetry,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let state_dir = config.state_dir.clone();
@@ -227,7 +265,10 @@ pub async fn run(
         changed: tokio::sync::Notify::new(),
         runs: TaskTracker::new(),
         abandon: CancellationToken::new(),
+        metrics: NodeMetrics::new(&telemetry.meter),
+        tracer: telemetry.tracer,
     });
+    register_gauges(&telemetry.meter, &node);
     // Tasks an earlier run of this agent left behind are resumed before the first hello,
     // so the gateway learns about them from the node's very first full-state report.
     for task in node.backend.recover().await {
@@ -287,9 +328,16 @@ impl Node {
                 };
                 self.lock().link = None;
                 if !stop.is_cancelled() {
+                    self.metrics.reconnects.add(1, &[]);
                     match result {
                         Ok(()) => warn!("Gateway closed the attach stream; reconnecting"),
                         Err(error) => error!("Gateway connection failed: {error:#}"),
+                    }
+                    if connected_at.is_some_and(|at| at.elapsed() >= STABLE_CONNECTION) {
+                        tokio::select! {
+                            () = tokio::time::sleep(reattach_spread()) => {}
+                            () = stop.cancelled() => {}
+                        }
                     }
                 }
                 connected_at
@@ -425,7 +473,8 @@ impl Node {
             "Task accepted; starting it"
         );
         let node = self.clone();
-        self.supervise(task_id, execution_id, async move {
+        let trace_context = assignment.trace_context.clone();
+        self.supervise(task_id, execution_id, &trace_context, async move {
             node.execute(&assignment, cancel).await
         });
     }
@@ -448,7 +497,7 @@ impl Node {
             "Resuming a task left by an earlier run of this agent"
         );
         let node = self.clone();
-        self.supervise(task_id, execution_id, async move {
+        self.supervise(task_id, execution_id, &HashMap::new(), async move {
             node.backend.resume(task, cancel).await
         });
     }
@@ -459,9 +508,25 @@ impl Node {
         self: &Arc<Self>,
         task_id: String,
         execution_id: String,
+        trace_context: &HashMap<String, String>,
         run: impl Future<Output = Result<(), TaskFailure>> + Send + 'static,
     ) {
         let node = self.clone();
+        let backend = kind_name(self.backend.kind());
+        let mut span = execution_span(
+            self.tracer.as_ref(),
+            trace_context,
+            vec![
+                KeyValue::new("task.id", task_id.clone()),
+                KeyValue::new("execution.id", execution_id.clone()),
+                KeyValue::new("node.id", self.node_id.clone()),
+                KeyValue::new("worker.backend", backend),
+            ],
+        );
+        if let Some(span) = span.as_mut() {
+            span.add_event("backend.started", vec![KeyValue::new("backend", backend)]);
+        }
+        self.metrics.started();
         self.runs.spawn(async move {
             let started = Instant::now();
             let result = tokio::select! {
@@ -474,7 +539,10 @@ impl Node {
                     return;
                 }
             };
-            node.finish(&task_id, &execution_id, result, started.elapsed());
+            let took = started.elapsed();
+            let result = node.finish(&task_id, &execution_id, result, took);
+            node.metrics.finished(&result, took.as_secs_f64());
+            end_span(span, &result);
         });
     }
 
@@ -522,13 +590,14 @@ impl Node {
         self.backend.execute(task, cancel).await
     }
 
+    /// Records the outcome (kept until acknowledged) and sends it; returns it.
     fn finish(
         &self,
         task_id: &str,
         execution_id: &str,
         result: Result<(), TaskFailure>,
         took: Duration,
-    ) {
+    ) -> task_outcome::Result {
         let mut state = self.lock();
         let this_execution = state
             .running
@@ -556,7 +625,7 @@ impl Node {
         let outcome = TaskOutcome {
             task_id: task_id.to_owned(),
             execution_id: execution_id.to_owned(),
-            result: Some(result),
+            result: Some(result.clone()),
         };
         state.unacknowledged.insert(
             (task_id.to_owned(), execution_id.to_owned()),
@@ -565,6 +634,7 @@ impl Node {
         state.send(attach_request::Kind::Outcome(outcome));
         drop(state);
         self.changed.notify_waiters();
+        result
     }
 
     /// Cancels the task; with `execution_id`, only that execution (a stale cancellation
@@ -598,6 +668,25 @@ impl Node {
             state.shutting_down = true;
             state.running.keys().cloned().collect()
         };
+        if self.backend.preserves_tasks_on_shutdown() {
+            // Tasks outlive the agent (Kubernetes Jobs): they are left running, unreported,
+            // for the next run of this agent to recover.
+            if !task_ids.is_empty() {
+                info!(
+                    count = task_ids.len(),
+                    "Leaving running tasks to the backend for the next agent run"
+                );
+            }
+            let delivered = self
+                .wait_until(ACK_WAIT, |state| {
+                    state.unacknowledged.is_empty() || state.link.is_none()
+                })
+                .await;
+            if !delivered {
+                warn!("Stopping with outcomes the gateway has not acknowledged");
+            }
+            return;
+        }
         if !task_ids.is_empty() {
             info!(
                 count = task_ids.len(),
@@ -635,6 +724,36 @@ impl Node {
             }
         }
     }
+}
+
+/// The node's gauges, read at collection time.
+fn register_gauges(meter: &Meter, node: &Arc<Node>) {
+    let weak = Arc::downgrade(node);
+    meter
+        .i64_observable_gauge("ozfleet_agent_tasks_active")
+        .with_description("Task executions running on this node agent.")
+        .with_callback(move |observer| {
+            if let Some(node) = weak.upgrade() {
+                observer.observe(node.lock().running.len() as i64, &[]);
+            }
+        })
+        .build();
+    let weak = Arc::downgrade(node);
+    meter
+        .i64_observable_gauge("ozfleet_agent_gateway_connected")
+        .with_description("1 while the node agent has an attach stream to the gateway.")
+        .with_callback(move |observer| {
+            if let Some(node) = weak.upgrade() {
+                observer.observe(i64::from(node.lock().link.is_some()), &[]);
+            }
+        })
+        .build();
+    let capacity = i64::from(node.config.max_concurrent_tasks);
+    meter
+        .i64_observable_gauge("ozfleet_agent_max_concurrent_tasks")
+        .with_description("This node's maximum concurrent tasks (0 = unlimited).")
+        .with_callback(move |observer| observer.observe(capacity, &[]))
+        .build();
 }
 
 /// Turns a backend result into the outcome the gateway relays (spec §1.9, §3.6, §9.1).

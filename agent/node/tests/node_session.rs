@@ -140,6 +140,7 @@ impl Link {
             execution_id: execution_id.into(),
             oz_assignment_json: serde_json::to_vec(&oz).unwrap(),
             settings: None,
+            trace_context: Default::default(),
         }));
     }
 

@@ -37,6 +37,27 @@ pub use upstream::{Keepalive, UpstreamConfig};
 
 /// How long the node gRPC server may take to close once asked to stop.
 const SERVER_STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// HTTP/2 limits of one node connection (see the node server builder).
+const NODE_MAX_STREAMS: u32 = 4;
+const NODE_STREAM_WINDOW: u32 = 64 * 1024;
+const NODE_CONNECTION_WINDOW: u32 = 128 * 1024;
+
+/// Sets `TCP_NODELAY` on every accepted connection (nodes and operators): tonic's own
+/// `tcp_nodelay` setting does not apply to `serve_with_incoming*`, and with Nagle's
+/// algorithm on, a small message (an assignment, an ack) waits for the peer's delayed
+/// ACK (up to ~40 ms).
+fn nodelay(
+    incoming: TcpListenerStream,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    use futures::StreamExt as _;
+    incoming.map(|accepted| {
+        accepted.inspect(|stream| {
+            if let Err(error) = stream.set_nodelay(true) {
+                warn!("Cannot set TCP_NODELAY on an accepted connection: {error}");
+            }
+        })
+    })
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -146,12 +167,12 @@ fn reflection_services() -> Result<
     ))
 }
 
-/// [`run`] with the reference's metric catalog and the fleet metrics recorded on `meter`
-/// (see [`metrics`]).
-pub async fn run_with_metrics(
+/// [`run`], observed: the reference's metric catalog and the fleet metrics on the
+/// telemetry's meter (see [`metrics`]), and one span per task when traces are on.
+pub async fn run_observed(
     listeners: GatewayListeners,
     config: GatewayConfig,
-    meter: &opentelemetry::metrics::Meter,
+    telemetry: &ozfleet_telemetry::Telemetry,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let outbox = Arc::new(outbox::Outbox::default());
@@ -160,7 +181,10 @@ pub async fn run_with_metrics(
         config.settings.clone(),
         config.timings.clone(),
     );
-    metrics::register(meter, &fleet, &config.upstream.worker_id);
+    metrics::register(&telemetry.meter(), &fleet, &config.upstream.worker_id);
+    if let Some(tracer) = telemetry.tracer() {
+        fleet.trace_with(tracer);
+    }
     run_with_fleet(listeners, config, fleet, outbox, shutdown).await
 }
 
@@ -216,12 +240,18 @@ pub async fn run_with_fleet(
     let serve_nodes = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.timings.node_keepalive))
         .http2_keepalive_timeout(Some(config.timings.node_keepalive))
+        // A node needs one stream (plus health and reflection for operators) and sends
+        // little: small windows bound what one connection may buffer (hyper's defaults
+        // are 1 MB each, per node).
+        .max_concurrent_streams(NODE_MAX_STREAMS)
+        .initial_stream_window_size(NODE_STREAM_WINDOW)
+        .initial_connection_window_size(NODE_CONNECTION_WINDOW)
         .add_service(node_health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(node_api)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.node),
+            nodelay(TcpListenerStream::new(listeners.node)),
             server_stop.clone().cancelled_owned(),
         );
     let (reflection, reflection_v1alpha) = reflection_services()?;
@@ -231,7 +261,7 @@ pub async fn run_with_fleet(
         .add_service(reflection_v1alpha)
         .add_service(admin_api)
         .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listeners.admin),
+            nodelay(TcpListenerStream::new(listeners.admin)),
             server_stop.clone().cancelled_owned(),
         );
     let mut servers = JoinSet::new();

@@ -60,6 +60,22 @@ impl Outbox {
         }
     }
 
+    /// Waits for at least one unsent message and returns copies of the oldest ones, up
+    /// to `max`, in order; they stay queued until each is [`Outbox::mark_sent`].
+    /// Cancel-safe.
+    pub async fn front_batch(&self, max: usize) -> Vec<Queued> {
+        loop {
+            let notified = self.ready.notified();
+            {
+                let queue = self.queue.lock().expect("outbox lock poisoned");
+                if !queue.is_empty() {
+                    return queue.iter().take(max.max(1)).cloned().collect();
+                }
+            }
+            notified.await;
+        }
+    }
+
     pub fn mark_sent(&self, sent: &Queued) {
         let mut queue = self.queue.lock().expect("outbox lock poisoned");
         if queue
@@ -104,6 +120,25 @@ mod tests {
         outbox.mark_sent(&first);
         assert_eq!(outbox.front().await.message, WorkerMessage::completed("t1"));
         assert_eq!(outbox.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_the_oldest_messages_in_order_and_stays_until_marked_sent() {
+        let outbox = Outbox::default();
+        for task in ["t1", "t2", "t3"] {
+            outbox.push(WorkerMessage::completed(task));
+        }
+        let batch = outbox.front_batch(2).await;
+        let tasks: Vec<&str> = batch.iter().map(|q| q.message.task_id()).collect();
+        assert_eq!(tasks, ["t1", "t2"]);
+        // Nothing marked (a failed write): the same batch comes back.
+        assert_eq!(outbox.front_batch(2).await.len(), 2);
+        assert_eq!(outbox.len(), 3);
+        for queued in &batch {
+            outbox.mark_sent(queued);
+        }
+        assert_eq!(outbox.len(), 1);
+        assert_eq!(outbox.front_batch(8).await[0].message.task_id(), "t3");
     }
 
     #[tokio::test]

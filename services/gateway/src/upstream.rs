@@ -160,7 +160,9 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
     let proxy = config.proxy.proxy_for(url)?;
     let handshake = async {
         let result = match proxy {
-            None => tokio_tungstenite::connect_async(request).await,
+            // Nagle's algorithm off: a claim must not wait for the next write or Oz's
+            // delayed ACK.
+            None => tokio_tungstenite::connect_async_with_config(request, None, true).await,
             Some(proxy) => {
                 let host = url.host_str().ok_or("the WebSocket URL has no host")?;
                 let port = url.port_or_known_default().unwrap_or(443);
@@ -170,6 +172,9 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
                     proxy.port_or_known_default().unwrap_or(80)
                 );
                 let stream = proxy::connect(&proxy, host, port).await?;
+                stream
+                    .set_nodelay(true)
+                    .map_err(|error| format!("cannot set TCP_NODELAY: {error}"))?;
                 tokio_tungstenite::client_async_tls(request, stream).await
             }
         };
@@ -191,6 +196,9 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
             )
         })?
 }
+
+/// At most this many queued messages go out in one flush.
+const MAX_WRITE_BATCH: usize = 64;
 
 enum ConnectionEnd {
     Shutdown,
@@ -233,13 +241,16 @@ async fn serve(
             () = tokio::time::sleep_until(read_deadline) => {
                 return ConnectionEnd::Lost(format!("nothing received for {:?}", keepalive.read_timeout));
             }
-            queued = outbox.front() => {
-                let frame = queued.message.to_frame();
-                match write(&mut socket, Message::text(frame), keepalive.write_timeout).await {
+            // Everything queued goes out in one flush; each message counts as sent only
+            // once the flush succeeded.
+            batch = outbox.front_batch(MAX_WRITE_BATCH) => {
+                match write_batch(&mut socket, &batch, keepalive.write_timeout).await {
                     Ok(()) => {
-                        debug!(task_id = queued.message.task_id(), "Sent {}", queued.message.message_type());
-                        outbox.mark_sent(&queued);
-                        fleet.relayed(&queued);
+                        for queued in &batch {
+                            debug!(task_id = queued.message.task_id(), "Sent {}", queued.message.message_type());
+                            outbox.mark_sent(queued);
+                            fleet.relayed(queued);
+                        }
                     }
                     Err(error) => return ConnectionEnd::Lost(format!("write failed: {error}")),
                 }
@@ -254,6 +265,26 @@ async fn serve(
                 return ConnectionEnd::Shutdown;
             }
         }
+    }
+}
+
+/// Feeds `batch` to the socket and flushes once, all within `timeout`.
+async fn write_batch(
+    socket: &mut Socket,
+    batch: &[crate::outbox::Queued],
+    timeout: Duration,
+) -> Result<(), String> {
+    let written = async {
+        for queued in batch {
+            socket
+                .feed(Message::text(queued.message.to_frame()))
+                .await?;
+        }
+        socket.flush().await
+    };
+    match tokio::time::timeout(timeout, written).await {
+        Err(_) => Err(format!("write timed out after {timeout:?}")),
+        Ok(result) => result.map_err(|error| error.to_string()),
     }
 }
 

@@ -15,10 +15,12 @@
 
 mod exporters;
 mod prometheus_http;
+pub mod propagation;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use opentelemetry::global::BoxedTracer;
 use opentelemetry::metrics::{Meter, MeterProvider as _};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::{InstrumentationScope, KeyValue};
@@ -40,6 +42,7 @@ pub struct ServiceIdentity {
     /// `service.name` (it overrides `OTEL_SERVICE_NAME`, as the reference does).
     pub service_name: &'static str,
     pub service_version: String,
+    /// `worker.id`; omitted when empty.
     pub worker_id: String,
     /// `worker.backend`; omitted when empty.
     pub backend: String,
@@ -49,10 +52,13 @@ pub struct ServiceIdentity {
 
 impl ServiceIdentity {
     fn resource(&self) -> Resource {
-        let mut attributes = vec![
-            KeyValue::new("service.version", self.service_version.clone()),
-            KeyValue::new("worker.id", self.worker_id.clone()),
-        ];
+        let mut attributes = vec![KeyValue::new(
+            "service.version",
+            self.service_version.clone(),
+        )];
+        if !self.worker_id.is_empty() {
+            attributes.push(KeyValue::new("worker.id", self.worker_id.clone()));
+        }
         if !self.backend.is_empty() {
             attributes.push(KeyValue::new("worker.backend", self.backend.clone()));
         }
@@ -149,10 +155,11 @@ impl Telemetry {
     }
 
     /// The tracer, when traces are on.
-    pub fn tracer(&self) -> Option<SdkTracer> {
-        self.tracers
-            .as_ref()
-            .map(|provider| provider.tracer_with_scope(self.scope.clone()))
+    pub fn tracer(&self) -> Option<BoxedTracer> {
+        self.tracers.as_ref().map(|provider| {
+            let tracer: SdkTracer = provider.tracer_with_scope(self.scope.clone());
+            BoxedTracer::new(Box::new(tracer))
+        })
     }
 
     /// Where `/metrics` is served, with the Prometheus exporter.

@@ -7,6 +7,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use opentelemetry::global::BoxedSpan;
 use tokio::time::Instant;
 
 use super::deadlines::DeadlineKey;
@@ -46,6 +47,8 @@ pub struct Task {
     pub assigned_at: Option<Instant>,
     /// When its node started running it.
     pub running_since: Option<Instant>,
+    /// Its `oz_worker.task` span, when tracing is on; ended with its terminal report.
+    pub span: Option<BoxedSpan>,
 }
 
 impl Task {

@@ -37,6 +37,9 @@ use std::collections::HashSet;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
+use opentelemetry::KeyValue;
+use opentelemetry::global::{BoxedSpan, BoxedTracer};
+use opentelemetry::trace::{Span as _, Status, Tracer as _};
 use ozfleet_proto::oz::{TaskAssignment as OzAssignment, WorkerMessage};
 use ozfleet_proto::v1::{
     self, AssignmentAccepted, AssignmentRefused, NodeHello, TaskOutcome, UpstreamSettings,
@@ -121,6 +124,8 @@ struct FleetState {
     events: broadcast::Sender<FleetEvent>,
     settings: UpstreamSettings,
     timings: FleetTimings,
+    /// Traces one span per task when set ([`Fleet::trace_with`]).
+    tracer: Option<BoxedTracer>,
 }
 
 impl Fleet {
@@ -144,6 +149,7 @@ impl Fleet {
                 events: events.clone(),
                 settings,
                 timings,
+                tracer: None,
             }),
             deadline_scheduled: Notify::new(),
             events,
@@ -171,6 +177,12 @@ impl Fleet {
             self.deadline_scheduled.notify_one();
         }
         result
+    }
+
+    /// Records one `oz_worker.task` span per task from now on, its context carried to the
+    /// node in the assignment.
+    pub fn trace_with(&self, tracer: BoxedTracer) {
+        self.apply(|state| state.tracer = Some(tracer));
     }
 
     /// Calls `observer` with every event from now on, synchronously (see [`FleetObserver`]).
@@ -372,6 +384,46 @@ impl Fleet {
 }
 
 impl FleetState {
+    /// A new `oz_worker.task` span (the reference's name and attributes), when tracing.
+    fn task_span(&self, task_id: &str, title: Option<&str>, adopted: bool) -> Option<BoxedSpan> {
+        let tracer = self.tracer.as_ref()?;
+        let mut attributes = vec![KeyValue::new("task.id", task_id.to_owned())];
+        if let Some(title) = title {
+            attributes.push(KeyValue::new("task.title", title.to_owned()));
+        }
+        if adopted {
+            attributes.push(KeyValue::new("ozfleet.adopted", true));
+        }
+        let mut span = tracer.build(
+            tracer
+                .span_builder("oz_worker.task")
+                .with_attributes(attributes),
+        );
+        if !adopted {
+            span.add_event(
+                "task.assigned",
+                vec![
+                    KeyValue::new("worker.id", self.settings.worker_id.clone()),
+                    KeyValue::new("worker.backend", crate::metrics::BACKEND),
+                    KeyValue::new("task.id", task_id.to_owned()),
+                ],
+            );
+        }
+        Some(span)
+    }
+
+    /// Adds a span event to the task's span, if it has one.
+    fn span_event(&mut self, task_id: &str, name: &'static str, attributes: Vec<KeyValue>) {
+        if let Some(span) = self
+            .ledger
+            .tasks
+            .get_mut(task_id)
+            .and_then(|task| task.span.as_mut())
+        {
+            span.add_event(name, attributes);
+        }
+    }
+
     fn task_snapshot(&self, task_id: &str) -> Option<TaskSnapshot> {
         let task = self.ledger.tasks.get(task_id)?;
         let node_id = task.node_id.clone()?;
@@ -399,6 +451,14 @@ impl FleetState {
             task_id: task_id.to_owned(),
             by_operator: true,
         });
+        self.span_event(
+            task_id,
+            "task.cancellation_requested",
+            vec![
+                KeyValue::new("source", "operator"),
+                KeyValue::new("task.id", task_id.to_owned()),
+            ],
+        );
         // A disconnected node gets it again from reconciliation when it returns.
         if let Some(node_id) = node_id {
             self.cancel_on(&node_id, task_id, &execution_id);
@@ -497,7 +557,9 @@ impl FleetState {
             }
             return;
         }
-        info!(
+        // Per-task lines at info are one per operator-relevant transition: claimed on a
+        // node, finished (or rejected, lost). The steps in between are debug.
+        debug!(
             task_id,
             title = assignment.task.title,
             "Task assigned by Oz"
@@ -516,6 +578,7 @@ impl FleetState {
                 since: SystemTime::now(),
                 assigned_at: Some(Instant::now()),
                 running_since: None,
+                span: self.task_span(task_id, Some(&assignment.task.title), false),
             },
         );
         self.place(task_id);
@@ -554,6 +617,14 @@ impl FleetState {
             task_id: task_id.to_owned(),
             by_operator: false,
         });
+        self.span_event(
+            task_id,
+            "task.cancellation_requested",
+            vec![
+                KeyValue::new("source", "server"),
+                KeyValue::new("task.id", task_id.to_owned()),
+            ],
+        );
         // A disconnected node gets it again from reconciliation when it returns.
         if let Some(node_id) = node_id {
             self.cancel_on(&node_id, task_id, &execution_id);
@@ -593,6 +664,13 @@ impl FleetState {
         };
         self.ledger
             .remember_finished(task_id, &task.execution_id, None);
+        if let Some(mut span) = task.span {
+            span.add_event(
+                "task.rejected",
+                vec![KeyValue::new("reason", "at_capacity")],
+            );
+            span.end();
+        }
         info!(task_id, "No node can take the task; rejecting it");
         self.outbox
             .push(WorkerMessage::rejected_at_capacity(task_id));
@@ -619,6 +697,16 @@ impl FleetState {
         task.phase = Phase::Offered { offer };
         task.offer_deadline = Some(deadline);
         task.since = SystemTime::now();
+        let trace_context = match task.span.as_mut() {
+            Some(span) => {
+                span.add_event(
+                    "task.offered",
+                    vec![KeyValue::new("node.id", node_id.to_string())],
+                );
+                ozfleet_telemetry::propagation::inject(span.span_context())
+            }
+            None => Default::default(),
+        };
         let message = attach_response::Kind::Assignment(v1::TaskAssignment {
             task_id: task_id.to_owned(),
             execution_id: task.execution_id.clone(),
@@ -628,12 +716,13 @@ impl FleetState {
                 .map(<[u8]>::to_vec)
                 .unwrap_or_default(),
             settings: Some(self.settings.clone()),
+            trace_context,
         });
         let execution_id = task.execution_id.clone();
         if let Some(node) = self.registry.get_mut(&node_id) {
             node.tasks.insert(task_id.to_owned());
             node.last_placed = offer;
-            info!(task_id, %node_id, node_name = node.name, "Offering task to node");
+            debug!(task_id, %node_id, node_name = node.name, "Offering task to node");
             node.send(message);
         }
         self.refresh_placement(&node_id);
@@ -705,12 +794,14 @@ impl FleetState {
                 self.ledger
                     .remember_finished(task_id, &task.execution_id, None);
                 let message = oz_mapping::operator_cancelled(task_id);
+                let ran_for = task.ran_for();
+                end_span(task.span, &message);
                 self.emit(FleetEvent::TaskFinished {
                     task_id: task_id.to_owned(),
                     node_id: Arc::from(""),
                     result: oz_mapping::result_of(&message),
                     lost: false,
-                    ran_for: task.ran_for(),
+                    ran_for,
                     execution_id: task.execution_id,
                 });
                 self.outbox.push(message);
@@ -723,6 +814,10 @@ impl FleetState {
             if let Some(task) = self.ledger.tasks.remove(task_id) {
                 self.ledger
                     .remember_finished(task_id, &task.execution_id, None);
+                if let Some(mut span) = task.span {
+                    span.add_event("task.dropped", Vec::new());
+                    span.end();
+                }
                 self.emit(FleetEvent::TaskDropped {
                     task_id: task_id.to_owned(),
                     execution_id: task.execution_id,
@@ -867,12 +962,14 @@ impl FleetState {
         self.ledger
             .remember_finished(task_id, &task.execution_id, task.node_id.clone());
         let message = oz_mapping::lost_message(task_id, why);
+        let ran_for = task.ran_for();
+        end_span(task.span, &message);
         self.emit(FleetEvent::TaskFinished {
             task_id: task_id.to_owned(),
             node_id,
             result: oz_mapping::result_of(&message),
             lost: true,
-            ran_for: task.ran_for(),
+            ran_for,
             execution_id: task.execution_id,
         });
         self.outbox.push(message);
@@ -921,6 +1018,8 @@ impl FleetState {
         };
         info!(task_id, %node_id, "Node accepted the task; claiming it");
         self.claim(task_id, &execution_id, &node_id, dispatch_latency);
+        self.span_event(task_id, "task.claimed", Vec::new());
+        self.span_event(task_id, "task.started", Vec::new());
         self.emit(FleetEvent::TaskStarted {
             task_id: task_id.to_owned(),
             execution_id,
@@ -997,7 +1096,7 @@ impl FleetState {
 
     fn relay(&mut self, node_id: &str, phase: Phase, outcome: &TaskOutcome) {
         let task_id = outcome.task_id.as_str();
-        let Some(task) = self.ledger.tasks.remove(task_id) else {
+        let Some(mut task) = self.ledger.tasks.remove(task_id) else {
             return;
         };
         let Some(owner) = task.node_id.clone() else {
@@ -1010,6 +1109,9 @@ impl FleetState {
             // The acceptance was lost with a connection; Oz needs the claim first.
             let dispatch_latency = task.assigned_at.map(|at| at.elapsed());
             self.claim(task_id, &task.execution_id, &owner, dispatch_latency);
+            if let Some(span) = task.span.as_mut() {
+                span.add_event("task.claimed", Vec::new());
+            }
         }
         if let Some(node) = self.registry.get_mut(node_id) {
             node.tasks.remove(task_id);
@@ -1029,13 +1131,15 @@ impl FleetState {
         self.ledger
             .remember_finished(task_id, &task.execution_id, Some(owner.clone()));
         self.ledger.mark_unsent(task_id, &task.execution_id);
+        let ran_for = task.ran_for();
+        end_span(task.span.take(), &message);
         self.emit(FleetEvent::TaskFinished {
             task_id: task_id.to_owned(),
             execution_id: task.execution_id.clone(),
             node_id: owner,
             result: oz_mapping::result_of(&message),
             lost: false,
-            ran_for: task.ran_for(),
+            ran_for,
         });
         let receipt = Receipt {
             node_id: node_id.to_owned(),
@@ -1078,6 +1182,33 @@ impl FleetState {
             execution_id: receipt.execution_id.clone(),
         });
     }
+}
+
+/// Ends a task's span with the reference's closing event and status for `message`.
+fn end_span(span: Option<BoxedSpan>, message: &WorkerMessage) {
+    let Some(mut span) = span else { return };
+    match message {
+        WorkerMessage::TaskFailed(failed) => {
+            span.add_event(
+                "task.failed",
+                vec![
+                    KeyValue::new("failure.phase", "backend"),
+                    KeyValue::new("failure.reason", failed.failure_reason.clone()),
+                    KeyValue::new("error.message", failed.message.clone()),
+                ],
+            );
+            span.set_status(Status::error(failed.failure_reason.clone()));
+        }
+        WorkerMessage::TaskCompleted(completed) if completed.task_state.is_some() => {
+            span.add_event("task.cancelled", vec![KeyValue::new("source", "user")]);
+            span.set_status(Status::Ok);
+        }
+        _ => {
+            span.add_event("task.completed", Vec::new());
+            span.set_status(Status::Ok);
+        }
+    }
+    span.end();
 }
 
 fn outcome_ack(task_id: &str, execution_id: &str) -> attach_response::Kind {

@@ -138,6 +138,7 @@ impl FleetState {
                 since: SystemTime::now(),
                 assigned_at: None,
                 running_since: Some(Instant::now()),
+                span: self.task_span(task_id, None, true),
             },
         );
         if let Some(node) = self.registry.get_mut(node_id) {

@@ -5,6 +5,7 @@ use std::time::Duration;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use ozfleet_agent::NodeTelemetry;
 use ozfleet_agent::backend::{BackendContext, from_settings};
 use ozfleet_agent::identity::load_or_create_node_id;
 use ozfleet_agent::{GrpcConnector, NodeConfig};
@@ -44,7 +45,29 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         cancel_grace: CANCEL_GRACE,
     };
     let backend = from_settings(merged, context).await?;
-    ozfleet_agent::run(node, backend, Arc::new(connector), shutdown_on_signal()).await?;
+    // The same OTEL_* variables as the gateway; node metrics are `ozfleet_agent_*`.
+    let identity = ozfleet_telemetry::ServiceIdentity {
+        service_name: ozfleet_agent::observe::SERVICE_NAME,
+        service_version: env!("CARGO_PKG_VERSION").to_owned(),
+        worker_id: String::new(),
+        backend: ozfleet_agent::backend::kind_name(backend.kind()).to_owned(),
+        scope: ozfleet_agent::observe::SCOPE,
+    };
+    let telemetry = ozfleet_telemetry::Telemetry::start(&identity, super::process_env).await;
+    let observed = NodeTelemetry {
+        meter: telemetry.meter(),
+        tracer: telemetry.tracer(),
+    };
+    let result = ozfleet_agent::run_observed(
+        node,
+        backend,
+        Arc::new(connector),
+        observed,
+        shutdown_on_signal(),
+    )
+    .await;
+    telemetry.shutdown().await;
+    result?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -58,6 +81,15 @@ fn node_config(args: &AgentArgs, merged: &MergedConfig) -> anyhow::Result<NodeCo
             bail!("invalid --label {label:?}: empty key");
         }
         labels.insert(key.trim().to_owned(), value.trim().to_owned());
+    }
+    // A Kubernetes node says so (and where its Jobs go), so a pool can select it.
+    if let Some(kubernetes) = &merged.kubernetes {
+        labels
+            .entry("ozfleet.dev/backend".to_owned())
+            .or_insert_with(|| "kubernetes".to_owned());
+        labels
+            .entry("ozfleet.dev/kubernetes-namespace".to_owned())
+            .or_insert_with(|| kubernetes.namespace.clone());
     }
     let node_name = match &args.name {
         Some(name) => name.clone(),

@@ -139,25 +139,20 @@ fn install_demo_agent(workdir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Result<Stack> {
-    let http_listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (pass --listen to pick another address)",
-                args.listen
-            )
-        })?;
-    let node_listener =
-        tokio::net::TcpListener::bind(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let http_listener = crate::runtime::listen(args.listen).with_context(|| {
+        format!(
+            "cannot listen on {} (pass --listen to pick another address)",
+            args.listen
+        )
+    })?;
+    let node_listener = crate::runtime::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let gateway_address = node_listener.local_addr()?;
-    let admin_listener = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot listen on {} (pass --admin-listen to pick another address)",
-                args.admin_listen
-            )
-        })?;
+    let admin_listener = crate::runtime::listen(args.admin_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (pass --admin-listen to pick another address)",
+            args.admin_listen
+        )
+    })?;
     let admin_address = admin_listener.local_addr()?;
     // A fresh secret per dev session; nodes of other sessions cannot join this one.
     let join_token = uuid::Uuid::new_v4().simple().to_string();
@@ -207,8 +202,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         let identity = super::gateway_identity(&gateway_config.upstream.worker_id);
         let telemetry = Telemetry::start(&identity, super::process_env).await;
         let result =
-            ozfleet_gateway::run_with_metrics(listeners, gateway_config, &telemetry.meter(), stop)
-                .await;
+            ozfleet_gateway::run_observed(listeners, gateway_config, &telemetry, stop).await;
         telemetry.shutdown().await;
         result.map_err(anyhow::Error::from)
     });

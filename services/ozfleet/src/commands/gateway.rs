@@ -14,11 +14,13 @@ use crate::runtime::shutdown_on_signal;
 
 pub async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
     let config = config(&args)?;
-    let node = tokio::net::TcpListener::bind(args.listen)
-        .await
+    match crate::runtime::raise_open_files_limit() {
+        Ok(limit) => tracing::debug!("Open files limit: {limit}"),
+        Err(error) => tracing::warn!("Cannot raise the open files limit: {error}"),
+    }
+    let node = crate::runtime::listen(args.listen)
         .with_context(|| format!("cannot listen on {} (--listen)", args.listen))?;
-    let admin = tokio::net::TcpListener::bind(args.admin_listen)
-        .await
+    let admin = crate::runtime::listen(args.admin_listen)
         .with_context(|| format!("cannot listen on {} (--admin-listen)", args.admin_listen))?;
     let listeners = GatewayListeners { node, admin };
     let telemetry = Telemetry::start(
@@ -26,13 +28,8 @@ pub async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
         super::process_env,
     )
     .await;
-    let result = ozfleet_gateway::run_with_metrics(
-        listeners,
-        config,
-        &telemetry.meter(),
-        shutdown_on_signal(),
-    )
-    .await;
+    let result =
+        ozfleet_gateway::run_observed(listeners, config, &telemetry, shutdown_on_signal()).await;
     telemetry.shutdown().await;
     result?;
     Ok(ExitCode::SUCCESS)

@@ -5,6 +5,7 @@ pub mod agent;
 pub mod control_plane;
 pub mod dev;
 pub mod gateway;
+pub mod health;
 
 use anyhow::{Context, bail};
 
