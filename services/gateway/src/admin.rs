@@ -315,6 +315,10 @@ pub fn event_message(event: &FleetEvent, at: SystemTime) -> pb::WatchEventsRespo
                 detail.push_str("; node lost");
             }
         }
+        FleetEvent::TaskInvalid { task_id, problem } => {
+            set("task_invalid", "", task_id, "");
+            detail = problem.clone();
+        }
         FleetEvent::TaskDropped {
             task_id,
             execution_id,

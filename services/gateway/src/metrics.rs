@@ -166,6 +166,17 @@ impl EventInstruments {
                     );
                 }
             }
+            FleetEvent::TaskInvalid { .. } => {
+                // Failed before any node saw it: the reference's assignment phase.
+                self.completed.add(1, &[KeyValue::new("result", "failed")]);
+                self.failures.add(
+                    1,
+                    &[
+                        KeyValue::new("phase", "assignment"),
+                        KeyValue::new("reason", FailureReason::Unknown.as_str()),
+                    ],
+                );
+            }
             FleetEvent::UpstreamDisconnected => {
                 self.reconnects
                     .add(1, &[KeyValue::new("reason", "remote_close")]);

@@ -1201,19 +1201,21 @@ async fn a_second_process_with_the_same_node_id_is_refused_while_the_first_is_at
 }
 
 #[tokio::test]
-async fn a_node_that_leaves_offers_unanswered_is_disconnected() {
+async fn a_node_that_leaves_an_offer_unanswered_gets_no_more_and_is_disconnected() {
     let (_oz, gateway, mut upstream) = start_connected_with(|options| {
         options.timings.offer_timeout = Duration::from_millis(200);
     })
     .await;
     let mut stuck = FakeNode::attach_id(&gateway, "node-stuck").await;
-    for run in ["run-1", "run-2", "run-3"] {
-        upstream.assign(run, "exec");
-        assert_eq!(stuck.expect_assignment().await.task_id, run);
-        // Never answered: taken back, and with no other node, rejected upstream.
-        assert_eq!(upstream.recv_text().await, rejected_frame(run));
-    }
-    // Three in a row: the gateway drops the connection (a healthy agent would reconnect).
+    upstream.assign("run-1", "exec");
+    assert_eq!(stuck.expect_assignment().await.task_id, "run-1");
+    // Never answered: taken back, and with no other node, rejected upstream.
+    assert_eq!(upstream.recv_text().await, rejected_frame("run-1"));
+    // Quiet now: the next task is not offered to it (rejected at once, no other node).
+    upstream.assign("run-2", "exec");
+    assert_eq!(upstream.recv_text().await, rejected_frame("run-2"));
+    // Still silent an offer timeout later: the gateway drops the connection (a healthy
+    // agent would reconnect with its full state).
     match stuck.recv_within(WAIT).await {
         Ok(None) | Err(RecvError::Status(_)) => {}
         other => panic!("expected the stream to end, got {other:?}"),

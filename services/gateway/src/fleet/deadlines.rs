@@ -17,6 +17,9 @@ pub enum Deadline {
     OfferExpires { task_id: String, offer: u64 },
     /// The node's connection `epoch` ended that long ago and it has not come back.
     NodeLost { node_id: Arc<str>, epoch: u64 },
+    /// The node left an offer unanswered an offer timeout ago; if it is still silent on
+    /// connection `epoch`, its connection is dropped.
+    QuietNode { node_id: Arc<str>, epoch: u64 },
     /// A cancellation for a task no node announced is forgotten.
     EarlyCancellationExpires { task_id: String },
 }

@@ -109,6 +109,12 @@ pub enum FleetEvent {
         /// How long it ran on its node (zero if it never started).
         ran_for: Duration,
     },
+    /// An assignment no node could take (too large for the node link, absurd ids) was
+    /// failed upstream without an offer. `task_id` is cut to a loggable length.
+    TaskInvalid {
+        task_id: String,
+        problem: String,
+    },
     /// A cancellation dropped a task before any node claimed it: nothing runs or reports.
     TaskDropped {
         task_id: String,

@@ -47,6 +47,8 @@ pub struct Task {
     pub assigned_at: Option<Instant>,
     /// When its node started running it.
     pub running_since: Option<Instant>,
+    /// When the current offer went out.
+    pub offered_at: Option<Instant>,
     /// Its `oz_worker.task` span, when tracing is on; ended with its terminal report.
     pub span: Option<BoxedSpan>,
 }

@@ -62,10 +62,40 @@ use placement::PlacementIndex;
 pub use registry::NodeSender;
 use registry::{NodeRegistry, Registered};
 
-/// Offers a connected node may leave unanswered in a row before the gateway drops its
-/// connection: a stuck agent whose transport still answers pings would otherwise look
-/// idle and attract every new task.
-const MAX_UNANSWERED_OFFERS: u32 = 3;
+/// The shortest offer timeout a fast-answering node gets (see [`offer_timeout_for`]).
+const MIN_OFFER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How many of its usual answer times a node has to answer an offer.
+const ANSWER_TIME_FACTOR: u32 = 50;
+/// Largest assignment (Oz's `data` object) offered to a node. Nodes refuse gRPC messages
+/// over 4 MiB, and an assignment they cannot decode would end their stream on every
+/// offer; a bigger one is failed upstream instead, never offered.
+pub const MAX_ASSIGNMENT_BYTES: usize = 1024 * 1024;
+/// Longest task or execution id accepted from Oz.
+pub const MAX_ID_BYTES: usize = 256;
+
+/// How long `node` gets to answer an offer: the configured timeout, shortened for a node
+/// that usually answers fast, so an offer to a node that went silent moves on quickly.
+fn offer_timeout_for(configured: Duration, answer_time: Option<Duration>) -> Duration {
+    match answer_time {
+        Some(usual) => {
+            (usual * ANSWER_TIME_FACTOR).clamp(MIN_OFFER_TIMEOUT.min(configured), configured)
+        }
+        None => configured,
+    }
+}
+
+/// An id cut for logs: a hostile 1 MiB id must not be logged in full.
+fn short(id: &str) -> std::borrow::Cow<'_, str> {
+    const SHOWN: usize = 64;
+    if id.len() <= SHOWN {
+        return id.into();
+    }
+    let mut end = SHOWN;
+    while !id.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…({} bytes)", &id[..end], id.len()).into()
+}
 /// How long a cancellation for an unknown task is remembered.
 const EARLY_CANCELLATION_TTL: Duration = Duration::from_secs(600);
 
@@ -281,6 +311,7 @@ impl Fleet {
     pub fn on_outcome(&self, node_id: &str, epoch: u64, outcome: TaskOutcome) {
         self.apply(|state| {
             if state.is_current(node_id, epoch) {
+                state.heard_from(node_id, &outcome.task_id);
                 state.settle(node_id, outcome);
             }
         });
@@ -374,6 +405,9 @@ impl Fleet {
                         state.offer_expired(&task_id, offer)
                     }
                     Deadline::NodeLost { node_id, epoch } => state.node_lost(&node_id, epoch),
+                    Deadline::QuietNode { node_id, epoch } => {
+                        state.quiet_node_check(&node_id, epoch)
+                    }
                     Deadline::EarlyCancellationExpires { task_id } => {
                         state.ledger.take_early_cancellation(&task_id);
                     }
@@ -557,6 +591,21 @@ impl FleetState {
             }
             return;
         }
+        if let Some(problem) = oversized(assignment, raw_json) {
+            warn!(task_id = %short(task_id), "Failing an assignment no node could take: {problem}");
+            let message = WorkerMessage::failed(
+                task_id,
+                ozfleet_proto::oz::FailureReason::Unknown,
+                ozfleet_proto::oz::failed_to_execute_message(&problem),
+                0,
+            );
+            self.emit(FleetEvent::TaskInvalid {
+                task_id: short(task_id).into_owned(),
+                problem,
+            });
+            self.outbox.push(message);
+            return;
+        }
         // Per-task lines at info are one per operator-relevant transition: claimed on a
         // node, finished (or rejected, lost). The steps in between are debug.
         debug!(
@@ -578,6 +627,7 @@ impl FleetState {
                 since: SystemTime::now(),
                 assigned_at: Some(Instant::now()),
                 running_since: None,
+                offered_at: None,
                 span: self.task_span(task_id, Some(&assignment.task.title), false),
             },
         );
@@ -659,11 +709,11 @@ impl FleetState {
     }
 
     fn reject(&mut self, task_id: &str) {
+        // A rejection does not settle the run: Oz offers it again, and a node that turns
+        // out to run this execution (kept across a gateway restart) is adopted, not stopped.
         let Some(task) = self.ledger.tasks.remove(task_id) else {
             return;
         };
-        self.ledger
-            .remember_finished(task_id, &task.execution_id, None);
         if let Some(mut span) = task.span {
             span.add_event(
                 "task.rejected",
@@ -683,8 +733,12 @@ impl FleetState {
 
     fn offer(&mut self, task_id: &str, node_id: Arc<str>) {
         let offer = self.ledger.next_offer();
+        let answer_time = self
+            .registry
+            .get(&node_id)
+            .and_then(|node| node.answer_time);
         let deadline = self.schedule(
-            self.timings.offer_timeout,
+            offer_timeout_for(self.timings.offer_timeout, answer_time),
             Deadline::OfferExpires {
                 task_id: task_id.to_owned(),
                 offer,
@@ -696,6 +750,7 @@ impl FleetState {
         task.node_id = Some(node_id.clone());
         task.phase = Phase::Offered { offer };
         task.offer_deadline = Some(deadline);
+        task.offered_at = Some(Instant::now());
         task.since = SystemTime::now();
         let trace_context = match task.span.as_mut() {
             Some(span) => {
@@ -755,15 +810,50 @@ impl FleetState {
             return;
         };
         node.unanswered_offers += 1;
-        if node.unanswered_offers >= MAX_UNANSWERED_OFFERS && node.is_connected() {
-            warn!(
-                %node_id,
-                "Node left {MAX_UNANSWERED_OFFERS} offers in a row unanswered; dropping its connection"
-            );
-            // Dropping the stream sender ends the node's response stream, so an agent
-            // that is merely slow reconnects with a fresh full state.
+        if node.unanswered_offers == 1 && node.is_connected() {
+            // Quiet: no new offers until it answers anything. A node still silent an offer
+            // timeout later has its connection dropped: an agent that is merely slow
+            // reconnects with a fresh full state, one that is stuck stays away.
             let epoch = node.epoch;
-            self.detach(&node_id, epoch);
+            info!(%node_id, "Node is quiet; no new offers until it answers");
+            self.refresh_placement(&node_id);
+            self.schedule(
+                self.timings.offer_timeout,
+                Deadline::QuietNode { node_id, epoch },
+            );
+        }
+    }
+
+    fn quiet_node_check(&mut self, node_id: &str, epoch: u64) {
+        let still_quiet = self.registry.get(node_id).is_some_and(|node| {
+            node.epoch == epoch && node.is_connected() && node.unanswered_offers > 0
+        });
+        if still_quiet {
+            warn!(
+                node_id,
+                "Node stayed silent after an unanswered offer; dropping its connection"
+            );
+            self.detach(node_id, epoch);
+        }
+    }
+
+    /// The node answered something (an acceptance, a refusal, an outcome).
+    fn heard_from(&mut self, node_id: &str, task_id: &str) {
+        let offered_for = self
+            .ledger
+            .tasks
+            .get(task_id)
+            .filter(|task| task.node_id.as_deref() == Some(node_id))
+            .and_then(|task| task.offered_at)
+            .map(|at| at.elapsed());
+        let was_quiet = self.registry.get_mut(node_id).is_some_and(|node| {
+            let was_quiet = node.unanswered_offers > 0;
+            node.heard(offered_for);
+            was_quiet
+        });
+        if was_quiet {
+            info!(node_id, "Quiet node answered again; it takes offers again");
+            self.refresh_placement(node_id);
         }
     }
 
@@ -976,9 +1066,7 @@ impl FleetState {
     }
 
     fn on_accepted(&mut self, node_id: &str, accepted: AssignmentAccepted) {
-        if let Some(node) = self.registry.get_mut(node_id) {
-            node.unanswered_offers = 0;
-        }
+        self.heard_from(node_id, &accepted.task_id);
         let phase = self
             .ledger
             .tasks
@@ -1029,9 +1117,7 @@ impl FleetState {
     }
 
     fn on_refused(&mut self, node_id: &str, refused: AssignmentRefused) {
-        if let Some(node) = self.registry.get_mut(node_id) {
-            node.unanswered_offers = 0;
-        }
+        self.heard_from(node_id, &refused.task_id);
         let offered_here = self.ledger.tasks.get(&refused.task_id).is_some_and(|task| {
             task.is_on(node_id, &refused.execution_id)
                 && matches!(task.phase, Phase::Offered { .. })
@@ -1182,6 +1268,28 @@ impl FleetState {
             execution_id: receipt.execution_id.clone(),
         });
     }
+}
+
+/// Why an assignment cannot be offered to any node, if it cannot.
+fn oversized(assignment: &OzAssignment, raw_json: &[u8]) -> Option<String> {
+    if raw_json.len() > MAX_ASSIGNMENT_BYTES {
+        return Some(format!(
+            "the assignment is {} bytes, over the node link's limit of {MAX_ASSIGNMENT_BYTES} bytes",
+            raw_json.len()
+        ));
+    }
+    for (field, value) in [
+        ("task_id", &assignment.task_id),
+        ("execution_id", &assignment.execution_id),
+    ] {
+        if value.len() > MAX_ID_BYTES {
+            return Some(format!(
+                "the assignment's {field} is {} bytes, over the limit of {MAX_ID_BYTES}",
+                value.len()
+            ));
+        }
+    }
+    None
 }
 
 /// Ends a task's span with the reference's closing event and status for `message`.

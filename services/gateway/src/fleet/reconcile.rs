@@ -138,6 +138,7 @@ impl FleetState {
                 since: SystemTime::now(),
                 assigned_at: None,
                 running_since: Some(Instant::now()),
+                offered_at: None,
                 span: self.task_span(task_id, None, true),
             },
         );

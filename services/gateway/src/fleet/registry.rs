@@ -35,8 +35,11 @@ pub struct NodeRecord {
     /// Task ids offered to or running on this node.
     pub tasks: HashSet<String>,
     pub last_placed: u64,
-    /// Offers that timed out since the node last answered one.
+    /// Offers that timed out since the node last answered anything. A node with one is
+    /// quiet: it gets no new offers until it answers (silent nodes must not starve tasks).
     pub unanswered_offers: u32,
+    /// Smoothed time the node takes to answer an offer; shortens its offer timeout.
+    pub answer_time: Option<std::time::Duration>,
     /// Set by an operator; survives reconnects.
     pub draining: bool,
     pub connected_since: SystemTime,
@@ -51,7 +54,20 @@ impl NodeRecord {
 
     /// Whether new tasks may be offered to the node at all.
     pub fn is_eligible(&self) -> bool {
-        self.is_connected() && !self.draining
+        self.is_connected() && !self.draining && self.unanswered_offers == 0
+    }
+
+    /// The node answered something: it is heard again, and an answer to an offer made
+    /// `offered_for` ago refines its answer time.
+    pub fn heard(&mut self, offered_for: Option<std::time::Duration>) {
+        self.unanswered_offers = 0;
+        if let Some(sample) = offered_for {
+            self.answer_time = Some(match self.answer_time {
+                // An exponentially weighted average: recent answers count most.
+                Some(average) => (average * 4 + sample) / 5,
+                None => sample,
+            });
+        }
     }
 
     pub fn standing(&self) -> Standing {
@@ -190,6 +206,7 @@ impl NodeRegistry {
                 tasks: HashSet::new(),
                 last_placed: 0,
                 unanswered_offers: 0,
+                answer_time: None,
                 draining: false,
                 connected_since: now,
                 lost_deadline: None,
