@@ -47,6 +47,7 @@ use crate::backend::{RecoveredTask, TaskBackend, TaskFailure, TaskRun, kind_name
 use crate::identity::load_or_create_node_id;
 use crate::images;
 use crate::observe::{NodeMetrics, NodeTelemetry, end_span, execution_span};
+use crate::outcomes::OutcomeStore;
 use crate::reported::ReportedLog;
 use crate::task_env::common_task_env;
 
@@ -95,16 +96,51 @@ pub trait GatewayConnector: Send + Sync + 'static {
     fn attach(&self, outbound: Outbound) -> BoxFuture<'_, anyhow::Result<Inbound>>;
 }
 
-/// The production connector: gRPC to the gateway, authenticated with the join token.
+/// The production connector: gRPC to the gateway, authenticated with the join token,
+/// the node's client certificate (mTLS, `https://` URLs), or both.
 pub struct GrpcConnector {
     endpoint: tonic::transport::Endpoint,
-    join_token: SecretString,
+    join_token: Option<SecretString>,
+    /// Read again for every connection, so rotated files apply without a restart.
+    tls: Option<crate::tls::ClientTls>,
 }
 
 impl GrpcConnector {
     /// Checks the gateway URL (e.g. `http://gateway.internal:7070`) and that the token
     /// can travel in gRPC metadata; nothing is dialled yet.
     pub fn new(gateway_url: &str, join_token: SecretString) -> anyhow::Result<Self> {
+        Self::with_tls(gateway_url, Some(join_token), None)
+    }
+
+    /// [`GrpcConnector::new`] with TLS (needs an `https://` URL; a plain `http://` URL
+    /// refuses TLS settings) and the join token optional when TLS carries a client
+    /// certificate. The TLS files are checked now, and read again on every dial.
+    pub fn with_tls(
+        gateway_url: &str,
+        join_token: Option<SecretString>,
+        tls: Option<crate::tls::ClientTls>,
+    ) -> anyhow::Result<Self> {
+        let https = gateway_url.starts_with("https://");
+        match &tls {
+            Some(tls) => {
+                if !https {
+                    anyhow::bail!(
+                        "TLS settings (--tls-ca, --tls-cert, --tls-key) need an https:// gateway URL, not {gateway_url:?}"
+                    );
+                }
+                tls.load()?;
+            }
+            None if https => anyhow::bail!(
+                "an https:// gateway URL needs --tls-ca, the CA that signed the gateway's certificate"
+            ),
+            None => {}
+        }
+        let has_client_certificate = tls.as_ref().is_some_and(|tls| tls.identity.is_some());
+        if join_token.is_none() && !has_client_certificate {
+            anyhow::bail!(
+                "a join token is required unless the node has a client certificate (--tls-cert, --tls-key)"
+            );
+        }
         let endpoint = tonic::transport::Endpoint::from_shared(gateway_url.to_owned())
             .with_context(|| format!("invalid gateway URL {gateway_url:?}"))?
             .connect_timeout(Duration::from_secs(5))
@@ -112,10 +148,11 @@ impl GrpcConnector {
             .tcp_keepalive(Some(Duration::from_secs(30)))
             .http2_keep_alive_interval(Duration::from_secs(20))
             .keep_alive_timeout(Duration::from_secs(20));
-        bearer(&join_token)?;
+        join_token.as_ref().map(bearer).transpose()?;
         Ok(Self {
             endpoint,
             join_token,
+            tls,
         })
     }
 }
@@ -133,11 +170,24 @@ fn bearer(join_token: &SecretString) -> anyhow::Result<MetadataValue<tonic::meta
 impl GrpcConnector {
     async fn dial(&self, outbound: Outbound) -> anyhow::Result<Inbound> {
         info!("Connecting to gateway {}", self.endpoint.uri());
-        let channel = self.endpoint.connect().await?;
+        let channel = match &self.tls {
+            Some(tls) => {
+                let config = tls.load()?;
+                self.endpoint
+                    .clone()
+                    .tls_config(config)
+                    .context("TLS settings")?
+                    .connect()
+                    .await?
+            }
+            None => self.endpoint.connect().await?,
+        };
         let mut request = tonic::Request::new(outbound);
-        request
-            .metadata_mut()
-            .insert("authorization", bearer(&self.join_token)?);
+        if let Some(join_token) = &self.join_token {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer(join_token)?);
+        }
         let inbound = NodeServiceClient::new(channel)
             .attach(request)
             .await?
@@ -201,6 +251,8 @@ struct Node {
     abandon: CancellationToken,
     metrics: NodeMetrics,
     tracer: Option<BoxedTracer>,
+    /// Outcomes not yet acknowledged, on disk.
+    outcomes: OutcomeStore,
 }
 
 /// Runs the node agent until `shutdown`, then cancels its tasks, waits for them
@@ -242,6 +294,35 @@ pub async fn run_observed(
                     config.state_dir.display()
                 )
             })?;
+    // Outcomes a killed agent had not delivered: announced in the first hello.
+    let outcomes = OutcomeStore::new(&config.state_dir);
+    let pending = {
+        let outcomes = outcomes.clone();
+        tokio::task::spawn_blocking(move || outcomes.load())
+            .await
+            .context("reading the pending outcomes did not finish")?
+            .with_context(|| {
+                format!(
+                    "cannot read the pending outcomes in {}",
+                    config.state_dir.display()
+                )
+            })?
+    };
+    let mut unacknowledged = BTreeMap::new();
+    for (key, outcome) in pending {
+        if reported.contains(&key.0, &key.1) {
+            // Acknowledged just before the agent stopped: only the file was left.
+            let _ = outcomes.remove(&key.0, &key.1);
+        } else {
+            unacknowledged.insert(key, outcome);
+        }
+    }
+    if !unacknowledged.is_empty() {
+        info!(
+            count = unacknowledged.len(),
+            "Re-sending outcomes the gateway had not acknowledged"
+        );
+    }
     info!(
         node_id,
         node_name = config.node_name,
@@ -257,7 +338,7 @@ pub async fn run_observed(
         connector,
         state: Mutex::new(NodeState {
             running: HashMap::new(),
-            unacknowledged: BTreeMap::new(),
+            unacknowledged,
             link: None,
             shutting_down: false,
             reported,
@@ -267,6 +348,7 @@ pub async fn run_observed(
         abandon: CancellationToken::new(),
         metrics: NodeMetrics::new(&telemetry.meter),
         tracer: telemetry.tracer,
+        outcomes,
     });
     register_gauges(&telemetry.meter, &node);
     // Tasks an earlier run of this agent left behind are resumed before the first hello,
@@ -407,9 +489,18 @@ impl Node {
                     state.reported.record(&ack.task_id, &ack.execution_id);
                     state
                         .unacknowledged
-                        .remove(&(ack.task_id, ack.execution_id));
+                        .remove(&(ack.task_id.clone(), ack.execution_id.clone()));
                     drop(state);
                     self.changed.notify_waiters();
+                    let store = self.outcomes.clone();
+                    self.runs.spawn_blocking(move || {
+                        if let Err(error) = store.remove(&ack.task_id, &ack.execution_id) {
+                            warn!(
+                                task_id = ack.task_id,
+                                "Cannot forget an acknowledged outcome: {error}"
+                            );
+                        }
+                    });
                 }
                 None => warn!("Ignoring an empty message from the gateway"),
             }
@@ -540,7 +631,7 @@ impl Node {
                 }
             };
             let took = started.elapsed();
-            let result = node.finish(&task_id, &execution_id, result, took);
+            let result = node.finish(&task_id, &execution_id, result, took).await;
             node.metrics.finished(&result, took.as_secs_f64());
             end_span(span, &result);
         });
@@ -590,27 +681,22 @@ impl Node {
         self.backend.execute(task, cancel).await
     }
 
-    /// Records the outcome (kept until acknowledged) and sends it; returns it.
-    fn finish(
+    /// Records the outcome durably, then keeps it until acknowledged and sends it;
+    /// returns it. The task stays in `running` until its outcome is kept, so a hello in
+    /// between still lists it (the gateway must never see it vanish without an outcome).
+    async fn finish(
         &self,
         task_id: &str,
         execution_id: &str,
         result: Result<(), TaskFailure>,
         took: Duration,
     ) -> task_outcome::Result {
-        let mut state = self.lock();
-        let this_execution = state
+        let source = self
+            .lock()
             .running
             .get(task_id)
-            .is_some_and(|running| running.execution_id == execution_id);
-        let source = if this_execution {
-            state
-                .running
-                .remove(task_id)
-                .and_then(|running| running.source)
-        } else {
-            None
-        };
+            .filter(|running| running.execution_id == execution_id)
+            .and_then(|running| running.source);
         let result = outcome_result(result, source);
         match &result {
             task_outcome::Result::Failed(failed) => info!(
@@ -627,6 +713,24 @@ impl Node {
             execution_id: execution_id.to_owned(),
             result: Some(result.clone()),
         };
+        let store = self.outcomes.clone();
+        let to_save = outcome.clone();
+        match tokio::task::spawn_blocking(move || store.save(&to_save)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => warn!(
+                task_id,
+                "Cannot keep the outcome in the state dir ({error}); reporting it anyway"
+            ),
+            Err(error) => warn!(task_id, "Keeping the outcome did not finish: {error}"),
+        }
+        let mut state = self.lock();
+        if state
+            .running
+            .get(task_id)
+            .is_some_and(|running| running.execution_id == execution_id)
+        {
+            state.running.remove(task_id);
+        }
         state.unacknowledged.insert(
             (task_id.to_owned(), execution_id.to_owned()),
             outcome.clone(),

@@ -190,7 +190,11 @@ struct Harness {
 
 impl Harness {
     fn start(max_concurrent_tasks: u32) -> Self {
-        let state = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), max_concurrent_tasks)
+    }
+
+    /// A node agent on an existing state directory (a restart).
+    fn start_in(state: TempDir, max_concurrent_tasks: u32) -> Self {
         let backend = Arc::new(FakeBackend::default());
         let (started_sender, started) = mpsc::unbounded_channel();
         *backend.started.lock().unwrap() = Some(started_sender);
@@ -348,6 +352,51 @@ async fn outcome_is_kept_until_acknowledged_then_forgotten_and_recorded() {
     let (reported, _writer) = ReportedLog::open(state.path()).await.unwrap();
     assert!(reported.contains("run-1", "exec-1"));
     assert!(reported.contains("run-2", "exec-2"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_agent_killed_before_the_acknowledgement_re_sends_the_outcome_after_restart() {
+    let mut harness = Harness::start(0);
+    let mut link = harness.link().await;
+    link.hello().await;
+    link.assign("run-1", "exec-1");
+    accepted(&mut link, "run-1", "exec-1").await;
+    harness.started().await;
+    harness.backend.finish(
+        "run-1",
+        Finish::Fail(TaskFailure::new(FailureReason::AgentInvocation, "boom").with_exit_code(3)),
+    );
+    let outcome = link.outcome().await;
+
+    // kill -9: the process is gone before any acknowledgement, nothing shuts down.
+    harness.node.abort_all();
+    while harness.node.join_next().await.is_some() {}
+    let state = harness.state;
+
+    let mut restarted = Harness::start_in(state, 0);
+    let mut link = restarted.link().await;
+    let hello = link.hello().await;
+    assert_eq!(hello.unacknowledged_outcomes, vec![outcome], "kept on disk");
+    link.ack("run-1", "exec-1");
+    // Acknowledged: the outcome is forgotten on disk too, so a third start has none.
+    wait_for_no_pending(restarted.state.path()).await;
+    let state = restarted.stopped().await;
+    let mut third = Harness::start_in(state, 0);
+    let mut link = third.link().await;
+    assert!(link.hello().await.unacknowledged_outcomes.is_empty());
+}
+
+/// Waits until the node removed every pending outcome file.
+async fn wait_for_no_pending(state: &std::path::Path) {
+    let store = ozfleet_agent::outcomes::OutcomeStore::new(state);
+    tokio::time::timeout(WAIT, async {
+        while !store.load().unwrap().is_empty() {
+            tokio::task::yield_now().await;
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the acknowledged outcome is removed");
 }
 
 #[tokio::test(start_paused = true)]
