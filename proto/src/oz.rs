@@ -576,6 +576,14 @@ pub fn parse_assignment_data(raw: &[u8]) -> Result<TaskAssignment, FrameError> {
 }
 
 fn parse_data<T: DeserializeOwned>(message_type: &str, raw: &RawValue) -> Result<T, FrameError> {
+    // serde reads a struct from a JSON array too (fields by position); Go's decoder, and
+    // so Oz's protocol, knows objects only. (Found by the parser's property test.)
+    if !raw.get().trim_start().starts_with('{') {
+        return Err(FrameError::InvalidData {
+            message_type: message_type.to_owned(),
+            reason: "expected a JSON object".into(),
+        });
+    }
     serde_json::from_str(raw.get()).map_err(|error| FrameError::InvalidData {
         message_type: message_type.to_owned(),
         reason: redacted_serde_error(&error),
@@ -809,6 +817,20 @@ mod tests {
             } => (*assignment, raw_data.get().to_owned()),
             other => panic!("expected an assignment, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn data_given_as_an_array_is_refused_like_go_does() {
+        // Regression (found by tests/fuzz_oz_messages.rs): serde would read the struct's
+        // fields by position from an array.
+        let error = parse_server_message(r#"{"type":"task_assignment","data":[" ",null,[]]}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected a JSON object"), "{error}");
+        let error = parse_assignment_data(br#"["t","e"]"#)
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("expected a JSON object"), "{error}");
     }
 
     #[test]

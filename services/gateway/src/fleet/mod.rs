@@ -591,6 +591,16 @@ impl FleetState {
             }
             return;
         }
+        if self.ledger.is_finished(task_id, &assignment.execution_id) {
+            // Its terminal report was sent already: running it again would run one
+            // execution twice. (Retries come as new executions.)
+            warn!(
+                task_id = %short(task_id),
+                execution_id = %short(&assignment.execution_id),
+                "Ignoring an assignment for an execution this gateway already reported as ended"
+            );
+            return;
+        }
         if let Some(problem) = oversized(assignment, raw_json) {
             warn!(task_id = %short(task_id), "Failing an assignment no node could take: {problem}");
             let message = WorkerMessage::failed(

@@ -1018,3 +1018,209 @@ async fn an_operator_cancel_of_an_offer_that_no_node_takes_is_reported_once() {
         [WorkerMessage::TaskFailed(failed)] if failed.failure_reason == "task_cancelled"));
     assert!(h.fleet.snapshot().tasks.is_empty());
 }
+
+// ---- property test: any sequence of messages ---------------------------------------------
+
+mod properties {
+    use std::collections::{HashMap, HashSet};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        Attach {
+            node: usize,
+            running: Vec<(usize, usize)>,
+            outcomes: Vec<(usize, usize)>,
+        },
+        Detach(usize),
+        Assign(usize, usize),
+        Accept(usize, usize, usize),
+        Refuse(usize, usize, usize),
+        Outcome(usize, usize, usize),
+        Cancel(usize),
+        OperatorCancel(usize),
+        Drain(usize, bool),
+        Wait(u64),
+    }
+
+    const NODES: usize = 3;
+    const TASKS: usize = 5;
+    const EXECUTIONS: usize = 2;
+
+    fn step() -> impl Strategy<Value = Step> {
+        let pair = (0..TASKS, 0..EXECUTIONS);
+        prop_oneof![
+            (
+                0..NODES,
+                prop::collection::vec(pair.clone(), 0..3),
+                prop::collection::vec(pair.clone(), 0..3)
+            )
+                .prop_map(|(node, running, outcomes)| Step::Attach {
+                    node,
+                    running,
+                    outcomes
+                }),
+            (0..NODES).prop_map(Step::Detach),
+            pair.clone()
+                .prop_map(|(task, execution)| Step::Assign(task, execution)),
+            (0..NODES, pair.clone())
+                .prop_map(|(node, (task, execution))| Step::Accept(node, task, execution)),
+            (0..NODES, pair.clone())
+                .prop_map(|(node, (task, execution))| Step::Refuse(node, task, execution)),
+            (0..NODES, pair.clone())
+                .prop_map(|(node, (task, execution))| Step::Outcome(node, task, execution)),
+            (0..TASKS).prop_map(Step::Cancel),
+            (0..TASKS).prop_map(Step::OperatorCancel),
+            (0..NODES, any::<bool>()).prop_map(|(node, on)| Step::Drain(node, on)),
+            (1u64..90).prop_map(Step::Wait),
+        ]
+    }
+
+    fn ids(task: usize, execution: usize) -> (String, String) {
+        (format!("run-{task}"), format!("exec-{execution}"))
+    }
+
+    /// Plays `steps` and checks the fleet's promises after each one.
+    async fn play(steps: Vec<Step>) -> Result<(), TestCaseError> {
+        let h = Harness::new();
+        let mut epochs: HashMap<usize, u64> = HashMap::new();
+        let mut inboxes = Vec::new();
+        // Executions Oz assigned, or a node announced running (adoptable).
+        let mut legitimate: HashMap<String, HashSet<String>> = HashMap::new();
+        let mut reports: HashMap<String, usize> = HashMap::new();
+        for step in steps {
+            match step {
+                Step::Attach {
+                    node,
+                    running: tasks,
+                    outcomes,
+                } => {
+                    let mut hello = hello(&format!("node-{node}"));
+                    for (task, execution) in tasks {
+                        let (task_id, execution_id) = ids(task, execution);
+                        legitimate
+                            .entry(task_id.clone())
+                            .or_default()
+                            .insert(execution_id.clone());
+                        hello.running_tasks.push(running(&task_id, &execution_id));
+                    }
+                    hello
+                        .running_tasks
+                        .sort_by(|a, b| a.task_id.cmp(&b.task_id));
+                    hello.running_tasks.dedup_by(|a, b| a.task_id == b.task_id);
+                    for (task, execution) in outcomes {
+                        let (task_id, execution_id) = ids(task, execution);
+                        hello
+                            .unacknowledged_outcomes
+                            .push(succeeded(&task_id, &execution_id));
+                    }
+                    let (sender, inbox) = tokio::sync::mpsc::unbounded_channel();
+                    if let Ok(epoch) = h.fleet.attach(&hello, sender) {
+                        epochs.insert(node, epoch);
+                        inboxes.push(inbox);
+                    }
+                }
+                Step::Detach(node) => {
+                    if let Some(epoch) = epochs.get(&node) {
+                        h.fleet.detach(&format!("node-{node}"), *epoch);
+                    }
+                }
+                Step::Assign(task, execution) => {
+                    let (task_id, execution_id) = ids(task, execution);
+                    legitimate
+                        .entry(task_id.clone())
+                        .or_default()
+                        .insert(execution_id.clone());
+                    h.assign(&task_id, &execution_id);
+                }
+                Step::Accept(node, task, execution) => {
+                    let (task_id, execution_id) = ids(task, execution);
+                    let epoch = epochs.get(&node).copied().unwrap_or(0);
+                    h.fleet.on_accepted(
+                        &format!("node-{node}"),
+                        epoch,
+                        accepted(&task_id, &execution_id),
+                    );
+                }
+                Step::Refuse(node, task, execution) => {
+                    let (task_id, execution_id) = ids(task, execution);
+                    let epoch = epochs.get(&node).copied().unwrap_or(0);
+                    h.fleet.on_refused(
+                        &format!("node-{node}"),
+                        epoch,
+                        refused(&task_id, &execution_id),
+                    );
+                }
+                Step::Outcome(node, task, execution) => {
+                    let (task_id, execution_id) = ids(task, execution);
+                    let epoch = epochs.get(&node).copied().unwrap_or(0);
+                    h.fleet.on_outcome(
+                        &format!("node-{node}"),
+                        epoch,
+                        failed(&task_id, &execution_id, "agent_invocation", 1),
+                    );
+                }
+                Step::Cancel(task) => h.fleet.on_cancellation(&format!("run-{task}")),
+                Step::OperatorCancel(task) => {
+                    let _ = h.fleet.cancel_by_operator(&format!("run-{task}"));
+                }
+                Step::Drain(node, on) => {
+                    let _ = h.fleet.set_draining(&format!("node-{node}"), on);
+                }
+                Step::Wait(seconds) => tokio::time::sleep(Duration::from_secs(seconds)).await,
+            }
+            for message in h.upstream() {
+                let terminal = matches!(
+                    message,
+                    WorkerMessage::TaskCompleted(_) | WorkerMessage::TaskFailed(_)
+                );
+                if terminal {
+                    let task_id = message.task_id().to_owned();
+                    let count = reports.entry(task_id.clone()).or_default();
+                    *count += 1;
+                    let allowed = legitimate.get(&task_id).map_or(0, HashSet::len);
+                    prop_assert!(
+                        *count <= allowed,
+                        "{task_id}: {count} terminal reports for {allowed} legitimate executions"
+                    );
+                }
+            }
+            let state = h.fleet.lock();
+            for node in state.registry.values() {
+                prop_assert_eq!(
+                    state.placement.contains(&node.node_id),
+                    node.is_eligible() && node.standing().capacity.is_none(),
+                    "the index holds exactly the eligible nodes (capacity is unlimited here)"
+                );
+                for task_id in &node.tasks {
+                    let held = state.ledger.tasks.get(task_id);
+                    prop_assert!(
+                        held.is_some_and(|task| task.node_id.as_deref() == Some(&*node.node_id)),
+                        "node {} lists {task_id}, which the ledger does not place there",
+                        node.node_id
+                    );
+                }
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        #[test]
+        fn any_sequence_keeps_the_fleet_consistent_and_reports_each_execution_at_most_once(
+            steps in prop::collection::vec(step(), 1..40)
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .start_paused(true)
+                .build()
+                .unwrap();
+            runtime.block_on(play(steps))?;
+        }
+    }
+}
