@@ -17,6 +17,7 @@
 
 pub mod direct;
 pub mod docker;
+pub mod kubernetes;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -32,7 +33,10 @@ use tokio_util::sync::CancellationToken;
 
 pub use direct::{DirectBackend, DirectConfig};
 pub use docker::{DockerBackend, DockerConfig};
-pub use ozfleet_worker_config::{DirectSettings, DockerSettings, ImagePullPolicy};
+pub use kubernetes::{KubernetesBackend, KubernetesConfig};
+pub use ozfleet_worker_config::{
+    DirectSettings, DockerSettings, ImagePullPolicy, KubernetesSettings,
+};
 
 /// A task environment in order, later entries winning. Values are credentials
 /// (`WARP_API_KEY`, `GITHUB_ACCESS_TOKEN`, …): they are exposed only where a process or
@@ -168,6 +172,12 @@ pub trait TaskBackend: Send + Sync + 'static {
         Box::pin(async move { Err(TaskFailure::new(FailureReason::Unknown, error)) })
     }
 
+    /// Whether tasks keep running while the agent is down (Kubernetes Jobs): the node then
+    /// does not cancel them at shutdown but leaves them to be recovered by its next run.
+    fn preserves_tasks_on_shutdown(&self) -> bool {
+        false
+    }
+
     /// Releases backend resources when the node stops (after its tasks have ended),
     /// bounded by `timeout`. Nothing to release by default.
     fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()> {
@@ -189,7 +199,7 @@ pub fn kind_name(kind: BackendKind) -> &'static str {
 /// What building a backend needs besides the merged worker configuration.
 #[derive(Debug, Clone)]
 pub struct BackendContext {
-    /// This node's stable id (Docker labels its containers with it).
+    /// This node's stable id (Docker labels its containers with it, Kubernetes its Jobs).
     pub node_id: String,
     /// SIGTERM → SIGKILL grace for a cancelled task (process group or container).
     pub cancel_grace: Duration,
@@ -234,8 +244,31 @@ pub async fn from_settings(
                 .context("Failed to create worker")?;
             Ok(Arc::new(backend))
         }
+        BackendName::Kubernetes => {
+            let settings = config
+                .kubernetes
+                .context("the kubernetes backend was selected without its settings")?;
+            if !config.docker.volumes.is_empty() {
+                tracing::warn!("--volumes applies to the Docker backend only; ignoring it");
+            }
+            let kubernetes = KubernetesConfig {
+                worker_id: config
+                    .worker_id
+                    .filter(|id| !id.is_empty())
+                    .unwrap_or_else(|| context.node_id.clone()),
+                node_id: context.node_id,
+                settings,
+                environment,
+                cleanup: config.cleanup,
+                cancel_grace: context.cancel_grace,
+            };
+            let backend = KubernetesBackend::new(kubernetes)
+                .await
+                .context("Failed to create worker")?;
+            Ok(Arc::new(backend))
+        }
         other => bail!(
-            "the {} backend is not available in this ozfleet build yet; use --backend direct or docker",
+            "the {} backend is not available in this ozfleet build yet; use --backend direct, docker or kubernetes",
             other.as_str()
         ),
     }
