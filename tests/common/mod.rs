@@ -282,6 +282,21 @@ impl Api {
     }
 }
 
+/// Runs `ozfleet certs <args>` and asserts it succeeded.
+pub fn certs_command(args: &[&str]) {
+    let output = Command::new(ozfleet())
+        .arg("certs")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run ozfleet certs");
+    assert!(
+        output.status.success(),
+        "ozfleet certs {args:?}: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
 /// A control plane plus a gateway attached to it, in `dir`.
 pub struct Stack {
     pub dir: tempfile::TempDir,
@@ -306,7 +321,94 @@ impl Stack {
 
     /// Like [`Stack::start`], with extra control plane arguments and gateway environment.
     pub fn start_full(control_plane_args: &[&str], gateway_env: &[(&str, &str)]) -> Self {
+        Self::start_gateway_args(
+            tempfile::tempdir().expect("temp dir"),
+            control_plane_args,
+            &[],
+            gateway_env,
+        )
+    }
+
+    /// A stack whose gateway serves the node link with mTLS: `ozfleet certs` creates a
+    /// CA, a gateway certificate for `gateway_dns` (and 127.0.0.1) and, for each of
+    /// `node_ids`, a node certificate, all in [`Stack::certs_dir`]. The join token stays
+    /// set, as a second factor.
+    pub fn start_tls(gateway_dns: &str, node_ids: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
+        let certs = dir.path().join("certs");
+        let certs_arg = certs.to_str().unwrap().to_owned();
+        certs_command(&["ca", "--dir", &certs_arg]);
+        certs_command(&[
+            "gateway",
+            "--dir",
+            &certs_arg,
+            "--dns",
+            gateway_dns,
+            "--ip",
+            "127.0.0.1",
+        ]);
+        for node_id in node_ids {
+            certs_command(&["node", "--dir", &certs_arg, "--node-id", node_id]);
+        }
+        let file = |name: &str| certs.join(name).to_str().unwrap().to_owned();
+        let (cert, key, ca) = (file("gateway.pem"), file("gateway-key.pem"), file("ca.pem"));
+        Self::start_gateway_args(
+            dir,
+            &[],
+            &[
+                "--tls-cert",
+                &cert,
+                "--tls-key",
+                &key,
+                "--tls-client-ca",
+                &ca,
+            ],
+            &[],
+        )
+    }
+
+    /// Where [`Stack::start_tls`] keeps the certificates.
+    pub fn certs_dir(&self) -> PathBuf {
+        self.dir.path().join("certs")
+    }
+
+    /// Starts a Direct node agent named `name` on `gateway_url` with `extra` arguments
+    /// (TLS flags) and `envs`, without waiting for it to attach.
+    pub fn tls_agent(
+        &self,
+        name: &str,
+        gateway_url: &str,
+        extra: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
+        let state_dir = self.dir.path().join(format!("{name}-state"));
+        let workspaces = self.dir.path().join(format!("{name}-workspaces"));
+        let demo_agent = demo_agent(self.dir.path());
+        let mut args = vec![
+            "agent",
+            "--gateway",
+            gateway_url,
+            "--name",
+            name,
+            "--state-dir",
+            state_dir.to_str().unwrap(),
+            "--backend",
+            "direct",
+            "--workspace-root",
+            workspaces.to_str().unwrap(),
+            "--oz-path",
+            demo_agent.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        Proc::spawn(name, self.dir.path(), &args, envs)
+    }
+
+    fn start_gateway_args(
+        dir: tempfile::TempDir,
+        control_plane_args: &[&str],
+        gateway_args: &[&str],
+        gateway_env: &[(&str, &str)],
+    ) -> Self {
         let http_port = free_port();
         let listen = format!("127.0.0.1:{http_port}");
         let database = dir.path().join("runs.db");
@@ -348,7 +450,10 @@ impl Stack {
                 &format!("127.0.0.1:{gateway_port}"),
                 "--admin-listen",
                 &format!("127.0.0.1:{admin_port}"),
-            ],
+            ]
+            .into_iter()
+            .chain(gateway_args.iter().copied())
+            .collect::<Vec<_>>(),
             &[
                 &[
                     ("WARP_API_KEY", API_KEY),

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod node_api;
 pub mod outbox;
 pub mod proxy;
+pub mod tls;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -33,6 +34,7 @@ pub use admin::AdminToken;
 pub use fleet::{Fleet, FleetEvent, FleetSnapshot, FleetTimings};
 pub use node_api::JoinToken;
 pub use proxy::ProxyEnv;
+pub use tls::{NodeTls, NodeTlsFiles};
 pub use upstream::{Keepalive, UpstreamConfig};
 
 /// How long the node gRPC server may take to close once asked to stop.
@@ -114,6 +116,31 @@ pub struct GatewayConfig {
     /// Required by every admin call when set; required to serve admin off loopback.
     pub admin_token: Option<AdminToken>,
     pub timings: FleetTimings,
+    /// How nodes attach: mTLS or plain (loopback, or explicitly insecure).
+    pub node_link: NodeLink,
+}
+
+/// The node link's security: mTLS with the fleet CA, or plain TCP, which the gateway
+/// serves off loopback only when `allow_insecure` says so.
+#[derive(Debug, Clone, Default)]
+pub struct NodeLink {
+    pub tls: Option<NodeTlsFiles>,
+    /// `--insecure-node-link`: plain TCP on a non-loopback address (logged at start).
+    pub allow_insecure: bool,
+}
+
+impl NodeLink {
+    /// Why the node listener at `address` must not be served with these settings.
+    pub fn check(&self, address: std::net::SocketAddr) -> Result<(), GatewayError> {
+        if self.tls.is_none() && !self.allow_insecure && !address.ip().is_loopback() {
+            return Err(GatewayError::InvalidConfig(format!(
+                "--listen {address} is reachable from other hosts but the node link has no TLS: \
+                 set --tls-cert, --tls-key and --tls-client-ca (see `ozfleet certs`), listen on \
+                 loopback, or accept a plain-text node link with --insecure-node-link"
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// The gateway's listeners, bound by the caller (tests bind `127.0.0.1:0`).
@@ -200,6 +227,26 @@ pub async fn run_with_fleet(
     // Validate before anything starts, so a bad URL fails the process instead of a loop.
     upstream::connect_url(&config.upstream.web_socket_url, &config.upstream.worker_id)?;
     let admin_address = listeners.admin.local_addr()?;
+    let node_address = listeners.node.local_addr()?;
+    config.node_link.check(node_address)?;
+    if config.join_token.is_certificate_only() && config.node_link.tls.is_none() {
+        return Err(GatewayError::InvalidConfig(
+            "a join token is required unless the node link uses TLS".into(),
+        ));
+    }
+    let node_tls = config
+        .node_link
+        .tls
+        .as_ref()
+        .map(NodeTls::load)
+        .transpose()?;
+    if node_tls.is_none() && !node_address.ip().is_loopback() {
+        warn!(
+            "The node link on {node_address} is plain TCP (--insecure-node-link): join tokens, \
+             tasks and their environments cross the network unencrypted and any host that \
+             holds the join token can attach; use --tls-cert, --tls-key and --tls-client-ca"
+        );
+    }
     if config.admin_token.is_none() && !admin_address.ip().is_loopback() {
         return Err(GatewayError::InvalidConfig(format!(
             "--admin-listen {admin_address} is reachable from other hosts but no admin token is set: \
@@ -231,13 +278,13 @@ pub async fn run_with_fleet(
         admin::AdminAuth::new(config.admin_token),
     );
 
-    let node_address = listeners.node.local_addr()?;
     info!(
         worker_id = config.upstream.worker_id,
+        node_tls = node_tls.is_some(),
         "Gateway listening for node agents on {node_address}, for operators on {admin_address}"
     );
     let (reflection, reflection_v1alpha) = reflection_services()?;
-    let serve_nodes = tonic::transport::Server::builder()
+    let node_router = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(config.timings.node_keepalive))
         .http2_keepalive_timeout(Some(config.timings.node_keepalive))
         // A node needs one stream (plus health and reflection for operators) and sends
@@ -249,11 +296,18 @@ pub async fn run_with_fleet(
         .add_service(node_health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
-        .add_service(node_api)
-        .serve_with_incoming_shutdown(
-            nodelay(TcpListenerStream::new(listeners.node)),
-            server_stop.clone().cancelled_owned(),
-        );
+        .add_service(node_api);
+    let serve_nodes: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
+        match &node_tls {
+            Some(node_tls) => Box::pin(node_router.serve_with_incoming_shutdown(
+                node_tls.incoming(listeners.node),
+                server_stop.clone().cancelled_owned(),
+            )),
+            None => Box::pin(node_router.serve_with_incoming_shutdown(
+                nodelay(TcpListenerStream::new(listeners.node)),
+                server_stop.clone().cancelled_owned(),
+            )),
+        };
     let (reflection, reflection_v1alpha) = reflection_services()?;
     let serve_admin = tonic::transport::Server::builder()
         .add_service(admin_health)

@@ -18,6 +18,7 @@ use tracing::{debug, warn};
 
 use crate::GatewayError;
 use crate::fleet::Fleet;
+use crate::tls::CertificateIdentity;
 
 /// How long a new stream may take to send its hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -26,8 +27,10 @@ const MAX_LISTED_TASKS: usize = 10_000;
 const MAX_LABELS: usize = 64;
 
 /// The shared secret nodes present to join; a secret type, so no `Debug` or log shows it.
+/// [`JoinToken::certificate_only`] is no token at all: only with mTLS on the node link,
+/// where the client certificate authenticates the node.
 #[derive(Clone, Debug)]
-pub struct JoinToken(SecretString);
+pub struct JoinToken(Option<SecretString>);
 
 impl JoinToken {
     pub fn new(token: impl Into<String>) -> Result<Self, GatewayError> {
@@ -37,15 +40,27 @@ impl JoinToken {
                 "the join token is empty".into(),
             ));
         }
-        Ok(Self(SecretString::from(token)))
+        Ok(Self(Some(SecretString::from(token))))
+    }
+
+    /// No join token: nodes are authenticated by their client certificate alone. The
+    /// gateway refuses to start with it unless the node link uses TLS.
+    pub fn certificate_only() -> Self {
+        Self(None)
+    }
+
+    pub fn is_certificate_only(&self) -> bool {
+        self.0.is_none()
     }
 
     fn matches(&self, presented: &str) -> bool {
-        self.0
-            .expose_secret()
-            .as_bytes()
-            .ct_eq(presented.as_bytes())
-            .into()
+        self.0.as_ref().is_some_and(|token| {
+            token
+                .expose_secret()
+                .as_bytes()
+                .ct_eq(presented.as_bytes())
+                .into()
+        })
     }
 }
 
@@ -75,6 +90,9 @@ impl NodeApi {
     }
 
     fn authenticate<T>(&self, request: &Request<T>) -> Result<(), GatewayError> {
+        if self.join_token.is_certificate_only() {
+            return Ok(());
+        }
         let presented = request
             .metadata()
             .get("authorization")
@@ -117,6 +135,19 @@ fn validate_hello(hello: &NodeHello) -> Result<(), GatewayError> {
     Ok(())
 }
 
+/// The hello's node id must be one the client certificate names.
+fn check_identity(identity: &CertificateIdentity, node_id: &str) -> Result<(), GatewayError> {
+    if identity.allows(node_id) {
+        return Ok(());
+    }
+    Err(GatewayError::Stream(Status::permission_denied(format!(
+        "node id mismatch: the hello says node {node_id} but the client certificate is for {} \
+         (a node may attach only as the node its certificate names: issue it a certificate \
+         with `ozfleet certs node --node-id {node_id}`)",
+        identity.describe()
+    ))))
+}
+
 type AttachStream = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -128,13 +159,32 @@ impl NodeService for NodeApi {
         request: Request<Streaming<AttachRequest>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
         self.authenticate(&request)?;
-        let responses = open_attach(
+        // On a TLS node link the certificate is verified (fleet CA) by the handshake; the
+        // node may attach only as a node it names.
+        let identity = request
+            .peer_certs()
+            .map(|chain| {
+                CertificateIdentity::from_chain(&chain).map_err(|error| {
+                    Status::unauthenticated(format!("client certificate refused: {error}"))
+                })
+            })
+            .transpose()?;
+        let peer = request.remote_addr();
+        let responses = open_attach_as(
             &self.fleet,
             &self.streams,
             self.stop.clone(),
             request.into_inner(),
+            identity.as_ref(),
         )
-        .await?;
+        .await
+        .inspect_err(|error| {
+            if let GatewayError::Stream(status) = error
+                && status.code() == tonic::Code::PermissionDenied
+            {
+                warn!(peer = ?peer, "Refused an attach: {}", status.message());
+            }
+        })?;
         Ok(Response::new(Box::pin(responses)))
     }
 }
@@ -146,7 +196,23 @@ pub async fn open_attach<S>(
     fleet: &Arc<Fleet>,
     streams: &TaskTracker,
     stop: CancellationToken,
+    inbound: S,
+) -> Result<UnboundedReceiverStream<Result<AttachResponse, Status>>, GatewayError>
+where
+    S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
+{
+    open_attach_as(fleet, streams, stop, inbound, None).await
+}
+
+/// [`open_attach`] for a connection whose client certificate names `identity`: the
+/// hello's node id must be one it names, so a node cannot attach as (and claim the
+/// tasks of) another node.
+pub async fn open_attach_as<S>(
+    fleet: &Arc<Fleet>,
+    streams: &TaskTracker,
+    stop: CancellationToken,
     mut inbound: S,
+    identity: Option<&CertificateIdentity>,
 ) -> Result<UnboundedReceiverStream<Result<AttachResponse, Status>>, GatewayError>
 where
     S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
@@ -164,6 +230,9 @@ where
         }
     };
     validate_hello(&hello)?;
+    if let Some(identity) = identity {
+        check_identity(identity, &hello.node_id)?;
+    }
 
     let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
     let epoch = fleet.attach(&hello, sender)?;
@@ -247,6 +316,45 @@ mod tests {
         assert!(!token.matches("s3cret2"));
         assert!(!format!("{token:?}").contains("s3cret"));
         assert!(JoinToken::new("  ").is_err());
+        let none = JoinToken::certificate_only();
+        assert!(none.is_certificate_only());
+        assert!(!none.matches(""));
+    }
+
+    #[test]
+    fn a_certificate_binds_the_node_id() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let certified = |params: rcgen::CertificateParams| params.self_signed(&key).unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![
+            rcgen::SanType::URI("ozfleet-node:node-a".try_into().unwrap()),
+            rcgen::SanType::DnsName("node-b.nodes.ozfleet".try_into().unwrap()),
+            rcgen::SanType::DnsName("gateway.example".try_into().unwrap()),
+        ];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "node-c");
+        let identity = CertificateIdentity::from_chain(&[certified(params).der().clone()]).unwrap();
+        assert_eq!(identity.node_ids(), ["node-a", "node-b"]);
+        assert!(check_identity(&identity, "node-a").is_ok());
+        assert!(check_identity(&identity, "node-b").is_ok());
+        // The CN counts only in a certificate without node SANs.
+        let status = tonic::Status::from(check_identity(&identity, "node-c").unwrap_err());
+        assert_eq!(status.code(), tonic::Code::PermissionDenied);
+        assert!(status.message().contains("node-c"), "{}", status.message());
+        assert!(
+            status.message().contains("node-a, node-b"),
+            "{}",
+            status.message()
+        );
+
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "node-c");
+        let identity = CertificateIdentity::from_chain(&[certified(params).der().clone()]).unwrap();
+        assert_eq!(identity.node_ids(), ["node-c"]);
+        assert!(CertificateIdentity::from_chain(&[]).is_err());
     }
 
     #[test]

@@ -43,6 +43,10 @@ enum Command {
     Undrain(NodeTarget),
     /// Stop a task on its node; Oz is told an operator cancelled it.
     Cancel(TaskTarget),
+    /// Check a gRPC health service (exit 0 when SERVING): for probes and healthchecks.
+    Health(commands::health::HealthArgs),
+    /// Create the fleet CA, the gateway's and the nodes' certificates (mTLS on the node link).
+    Certs(commands::certs::CertsArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -119,6 +123,8 @@ pub enum AdminCommand {
 pub enum DevBackend {
     Direct,
     Docker,
+    /// Jobs on the cluster of tests/kubernetes/start-k8s.sh (`OZFLEET_K8S_DIR`).
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -173,6 +179,43 @@ pub struct GatewayArgs {
     pub admin_listen: SocketAddr,
     #[command(flatten)]
     pub admin_token: AdminTokenArgs,
+    #[command(flatten)]
+    pub node_tls: GatewayTlsArgs,
+}
+
+/// mTLS on the node link (all three files, or none); `ozfleet certs` creates them.
+#[derive(Debug, Args)]
+pub struct GatewayTlsArgs {
+    /// The gateway's certificate (PEM) presented to nodes; reloaded when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert; reloaded when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The fleet CA (PEM): nodes must present a certificate it signed, naming their node id.
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Serve a plain-text node link on a non-loopback --listen address (not recommended).
+    #[arg(long)]
+    pub insecure_node_link: bool,
+}
+
+/// The node's side of mTLS on the node link (with an `https://` --gateway).
+#[derive(Debug, Args)]
+pub struct AgentTlsArgs {
+    /// The CA (PEM) that signed the gateway's certificate.
+    #[arg(long, value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (PEM), naming its node id; read again on every connection.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// The name the gateway's certificate must carry, when --gateway's host is not in it
+    /// (e.g. a gateway reached by IP address).
+    #[arg(long, value_name = "NAME")]
+    pub gateway_server_name: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -197,11 +240,13 @@ pub struct JoinTokenArgs {
 
 #[derive(Debug, Args)]
 pub struct AgentArgs {
-    /// Gateway address.
+    /// Gateway address (`https://` with the --tls-* flags).
     #[arg(long, env = "OZFLEET_GATEWAY", default_value = "http://127.0.0.1:7070")]
     pub gateway: String,
     #[command(flatten)]
     pub join_token: JoinTokenArgs,
+    #[command(flatten)]
+    pub tls: AgentTlsArgs,
     /// Where the node keeps its identity.
     #[arg(long, default_value = "/var/lib/ozfleet/agent")]
     pub state_dir: PathBuf,
@@ -323,9 +368,11 @@ pub fn main() -> ExitCode {
         | Command::Tasks(_)
         | Command::Drain(_)
         | Command::Undrain(_)
-        | Command::Cancel(_) => LogLevel::Error,
+        | Command::Cancel(_)
+        | Command::Health(_)
+        | Command::Certs(_) => LogLevel::Error,
     };
-    crate::runtime::init_logging(log_level.as_str());
+    let _log_guard = crate::runtime::init_logging(log_level.as_str());
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -356,6 +403,8 @@ pub fn main() -> ExitCode {
             Command::Cancel(TaskTarget { task, admin }) => {
                 commands::admin::run(admin, AdminCommand::Cancel { task }).await
             }
+            Command::Health(args) => commands::health::run(args).await,
+            Command::Certs(args) => commands::certs::run(args),
         }
     });
     match result {

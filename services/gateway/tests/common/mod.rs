@@ -408,6 +408,7 @@ impl TestGateway {
                 .admin_token
                 .map(|token| AdminToken::new(token).unwrap()),
             timings: options.timings,
+            node_link: Default::default(),
         };
         let listeners = GatewayListeners {
             node: listener,

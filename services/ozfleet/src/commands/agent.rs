@@ -2,18 +2,24 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use ozfleet_agent::NodeTelemetry;
 use ozfleet_agent::backend::{BackendContext, from_settings};
 use ozfleet_agent::identity::load_or_create_node_id;
+use ozfleet_agent::tls::ClientTls;
 use ozfleet_agent::{GrpcConnector, NodeConfig};
 use ozfleet_worker_config::{FileConfig, ImagePullPolicy, MergedConfig, WorkerFlags, merge};
 
 use crate::cli::AgentArgs;
 use crate::runtime::shutdown_on_signal;
 
+/// The node id's file in the state dir (see `ozfleet_agent::identity`).
+const NODE_ID_FILE: &str = "node-id";
 /// SIGTERM to SIGKILL grace for a cancelled task's process group.
 const CANCEL_GRACE: Duration = Duration::from_secs(10);
 /// How long shutdown waits for cancelled tasks to end.
@@ -37,7 +43,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     };
     let mut merged = merge(flags, file, &super::process_env)?;
     let node = node_config(&args, &merged)?;
-    let connector = GrpcConnector::new(&args.gateway, super::join_token(&args.join_token)?.into())?;
+    let tls = client_tls(&args)?;
+    let join_token = match super::optional_join_token(&args.join_token)? {
+        Some(token) => Some(token.into()),
+        // The client certificate alone authenticates this node.
+        None if args.tls.tls_cert.is_some() => None,
+        None => Some(super::join_token(&args.join_token)?.into()),
+    };
+    if let Some(cert) = &args.tls.tls_cert {
+        bind_node_id_to_certificate(&args.state_dir, cert)?;
+    }
+    let connector = GrpcConnector::with_tls(&args.gateway, join_token, tls)?;
     apply_overrides(&args, &mut merged)?;
     let context = BackendContext {
         // Docker labels containers with the node id so a restarted agent finds its own.
@@ -69,6 +85,82 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     telemetry.shutdown().await;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `--tls-ca`, `--tls-cert`/`--tls-key`, `--gateway-server-name`.
+fn client_tls(args: &AgentArgs) -> anyhow::Result<Option<ClientTls>> {
+    let tls = &args.tls;
+    let Some(ca) = &tls.tls_ca else {
+        if tls.tls_cert.is_some() || tls.gateway_server_name.is_some() {
+            bail!(
+                "--tls-cert and --gateway-server-name need --tls-ca (the CA that signed the gateway's certificate)"
+            );
+        }
+        return Ok(None);
+    };
+    let identity = match (&tls.tls_cert, &tls.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        _ => bail!("--tls-cert and --tls-key go together"),
+    };
+    Ok(Some(ClientTls {
+        ca: ca.clone(),
+        identity,
+        server_name: tls.gateway_server_name.clone(),
+    }))
+}
+
+/// The gateway lets a node attach only as a node its certificate names: a node without
+/// an id yet adopts the certificate's; one whose id the certificate does not name stops
+/// here with what to do, instead of being refused on every connection.
+fn bind_node_id_to_certificate(state_dir: &Path, cert: &Path) -> anyhow::Result<()> {
+    let chain = ozfleet_gateway::tls::read_certificates(cert)
+        .map_err(|error| anyhow::anyhow!("--tls-cert: {error}"))?;
+    let names = ozfleet_gateway::tls::node_ids_in_certificate(&chain[0])
+        .map_err(|error| anyhow::anyhow!("--tls-cert: {error}"))?;
+    let Some(first) = names.first() else {
+        bail!(
+            "--tls-cert {} names no node id (expected a SAN URI ozfleet-node:<node-id>; \
+             `ozfleet certs node --node-id ID` creates one)",
+            cert.display()
+        );
+    };
+    let id_file = state_dir.join(NODE_ID_FILE);
+    if !id_file.exists() && names.len() == 1 {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(state_dir)
+            .with_context(|| format!("cannot create state directory {}", state_dir.display()))?;
+        let staging = state_dir.join(format!(".{NODE_ID_FILE}.tmp"));
+        let write = || -> std::io::Result<()> {
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&staging)?;
+            writeln!(file, "{first}")?;
+            file.sync_all()?;
+            std::fs::rename(&staging, &id_file)
+        };
+        write().with_context(|| format!("cannot write {}", id_file.display()))?;
+        tracing::info!(
+            node_id = first,
+            "Adopted the node id of the client certificate"
+        );
+    }
+    let node_id = load_or_create_node_id(state_dir)?;
+    if !names.contains(&node_id) {
+        bail!(
+            "this node's id is {node_id} ({}) but --tls-cert {} is for {}: the gateway would \
+             refuse it; issue a certificate with `ozfleet certs node --node-id {node_id}`",
+            id_file.display(),
+            cert.display(),
+            names.join(", ")
+        );
+    }
+    Ok(())
 }
 
 fn node_config(args: &AgentArgs, merged: &MergedConfig) -> anyhow::Result<NodeConfig> {

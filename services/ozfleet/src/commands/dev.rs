@@ -191,6 +191,8 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         join_token: JoinToken::new(join_token.clone())?,
         admin_token: None,
         timings: FleetTimings::default(),
+        // Loopback: plain, as before.
+        node_link: Default::default(),
     };
     let listeners = GatewayListeners {
         node: node_listener,

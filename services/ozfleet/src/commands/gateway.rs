@@ -2,14 +2,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use ozfleet_gateway::{
-    AdminToken, FleetTimings, GatewayConfig, GatewayListeners, JoinToken, Keepalive, ProxyEnv,
-    UpstreamConfig,
+    AdminToken, FleetTimings, GatewayConfig, GatewayListeners, JoinToken, Keepalive, NodeLink,
+    NodeTlsFiles, ProxyEnv, UpstreamConfig,
 };
 use ozfleet_proto::v1::UpstreamSettings;
 use ozfleet_telemetry::Telemetry;
 use ozfleet_worker_config::{FileConfig, WorkerFlags, merge};
 
-use crate::cli::GatewayArgs;
+use crate::cli::{GatewayArgs, GatewayTlsArgs};
 use crate::runtime::shutdown_on_signal;
 
 pub async fn run(args: GatewayArgs) -> anyhow::Result<ExitCode> {
@@ -63,6 +63,15 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
             args.admin_listen
         );
     }
+    // Also checked before anything binds: a plain node link off loopback needs consent.
+    let node_link = node_link(&args.node_tls)?;
+    node_link.check(args.listen)?;
+    let join_token = match super::optional_join_token(&args.join_token)? {
+        Some(token) => JoinToken::new(token)?,
+        // The client certificate alone authenticates nodes.
+        None if node_link.tls.is_some() => JoinToken::certificate_only(),
+        None => JoinToken::new(super::join_token(&args.join_token)?)?,
+    };
     Ok(GatewayConfig {
         upstream: UpstreamConfig {
             web_socket_url: args.web_socket_url.clone(),
@@ -77,8 +86,32 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
             session_sharing_server_url: args.session_sharing_server_url.clone().unwrap_or_default(),
             worker_id,
         },
-        join_token: JoinToken::new(super::join_token(&args.join_token)?)?,
+        join_token,
         admin_token,
         timings: FleetTimings::default(),
+        node_link,
+    })
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-client-ca` (all or none) and `--insecure-node-link`.
+fn node_link(args: &GatewayTlsArgs) -> anyhow::Result<NodeLink> {
+    let tls = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => Some(NodeTlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: client_ca.clone(),
+        }),
+        (None, None, None) => None,
+        _ => bail!(
+            "mTLS on the node link needs all of --tls-cert, --tls-key and --tls-client-ca \
+             (`ozfleet certs` creates them)"
+        ),
+    };
+    if tls.is_some() && args.insecure_node_link {
+        bail!("--insecure-node-link contradicts --tls-cert/--tls-key/--tls-client-ca");
+    }
+    Ok(NodeLink {
+        tls,
+        allow_insecure: args.insecure_node_link,
     })
 }

@@ -2,6 +2,7 @@
 
 pub mod admin;
 pub mod agent;
+pub mod certs;
 pub mod control_plane;
 pub mod dev;
 pub mod gateway;
@@ -23,6 +24,15 @@ fn join_token(args: &JoinTokenArgs) -> anyhow::Result<String> {
             "a join token is required: pass --join-token-file or set OZFLEET_JOIN_TOKEN"
         )
     })
+}
+
+/// The join token, if any: optional where mTLS authenticates the nodes.
+fn optional_join_token(args: &JoinTokenArgs) -> anyhow::Result<Option<String>> {
+    secret_from(
+        "join token",
+        args.join_token_file.as_deref(),
+        args.join_token.as_deref(),
+    )
 }
 
 /// The admin token from `--admin-token-file` or `OZFLEET_ADMIN_TOKEN`, if any.
