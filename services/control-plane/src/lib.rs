@@ -131,6 +131,13 @@ pub async fn run(
     dispatch_loop.spawn(dispatcher.run(stop.clone()));
 
     info!("control plane listening on http://{address}");
+    // Nagle's algorithm off on every accepted connection: small WebSocket frames
+    // (assignments) must not wait for the worker's delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |stream| {
+        if let Err(error) = stream.set_nodelay(true) {
+            tracing::debug!("cannot set TCP_NODELAY: {error}");
+        }
+    });
     let served = axum::serve(listener, api::router(state))
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;

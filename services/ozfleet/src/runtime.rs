@@ -39,16 +39,67 @@ fn log_filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
     filter
 }
 
-/// Logs to stderr at `level`; `RUST_LOG`, when set, takes precedence.
-pub fn init_logging(level: &str) {
+/// Logs to stderr at `level`; `RUST_LOG`, when set, takes precedence. Lines are written
+/// by a dedicated thread, never by the task that logs (which may hold the fleet lock), so
+/// a slow terminal or disk does not stall dispatch. Keep the returned guard for the life
+/// of the process: dropping it flushes what is still queued.
+#[must_use = "dropping the guard stops logging; keep it until the process ends"]
+pub fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = log_filter(rust_log.as_deref(), level);
+    // Not lossy: when the queue (128k lines) is full, logging waits rather than drops.
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("ozfleet-log")
+        .finish(std::io::stderr());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
+        .with_writer(writer)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_target(false)
         .init();
+    guard
+}
+
+/// How many connections may wait to be accepted. The default of `TcpListener::bind`
+/// (1,024, further capped by `net.core.somaxconn`) overflows when thousands of nodes
+/// re-attach at once; an overflowing backlog drops SYNs and costs each node a 1 s+ retry.
+pub const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a TCP listener like `TcpListener::bind` (with `SO_REUSEADDR`), with a backlog of
+/// [`LISTEN_BACKLOG`].
+pub fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft limit on open files to the hard limit (as Go programs do at start):
+/// every attached node holds a connection, and the usual soft limit of 1,024 would cap a
+/// gateway below a thousand nodes. Returns the limit now in force.
+pub fn raise_open_files_limit() -> std::io::Result<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct we pass.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(limit.rlim_cur)
 }
 
 /// A token cancelled on the first SIGINT or SIGTERM. A second signal exits at once, for
