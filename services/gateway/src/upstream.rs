@@ -37,6 +37,9 @@ pub struct Keepalive {
     pub stable_after: Duration,
     /// How long shutdown waits for queued messages to go out before closing.
     pub drain_timeout: Duration,
+    /// The wait after Oz refused a handshake with a 4xx, before the next attempt: the
+    /// backoff's maximum, since retrying sooner cannot fix a bad key.
+    pub refused_retry: Duration,
 }
 
 impl Default for Keepalive {
@@ -48,6 +51,7 @@ impl Default for Keepalive {
             handshake_timeout: Duration::from_secs(45),
             stable_after: Duration::from_secs(10),
             drain_timeout: Duration::from_secs(5),
+            refused_retry: Duration::from_secs(60),
         }
     }
 }
@@ -121,9 +125,22 @@ pub async fn run(
                     }
                     Some(connected_at)
                 }
-                Err(error) => {
-                    error!("Failed to connect to {url}: {error}");
+                Err(DialError { message, refused }) => {
                     fleet.upstream_dial_failed();
+                    if refused {
+                        // A 4xx is a configuration problem (API key, worker id): say so,
+                        // and retry at the slowest pace instead of hammering Oz.
+                        let wait = config.keepalive.refused_retry;
+                        error!(
+                            "Oz refused the connection ({message}): check the API key (--api-key / WARP_API_KEY) and the worker id; retrying in {wait:?}"
+                        );
+                        tokio::select! {
+                            () = tokio::time::sleep(wait) => {}
+                            () = shutdown.cancelled() => {}
+                        }
+                    } else {
+                        error!("Failed to connect to {url}: {message}");
+                    }
                     None
                 }
             }
@@ -145,7 +162,41 @@ fn install_crypto_provider() {
     });
 }
 
-async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
+/// Largest WebSocket message and frame accepted from Oz: far above any real assignment
+/// (and above the node link's own limit, so an oversized one is failed upstream with a
+/// clear message), low enough that a hostile peer cannot make the gateway buffer more.
+pub const MAX_WEBSOCKET_MESSAGE_BYTES: usize = 8 * 1024 * 1024;
+
+fn websocket_config() -> tokio_tungstenite::tungstenite::protocol::WebSocketConfig {
+    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_WEBSOCKET_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_WEBSOCKET_MESSAGE_BYTES))
+}
+
+/// Why a dial failed.
+struct DialError {
+    message: String,
+    /// Oz answered the handshake with a 4xx (bad key, reserved worker id): retrying soon
+    /// will not help.
+    refused: bool,
+}
+
+impl From<String> for DialError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            refused: false,
+        }
+    }
+}
+
+impl From<&str> for DialError {
+    fn from(message: &str) -> Self {
+        Self::from(message.to_owned())
+    }
+}
+
+async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, DialError> {
     install_crypto_provider();
     let mut request = url
         .as_str()
@@ -162,7 +213,10 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
         let result = match proxy {
             // Nagle's algorithm off: a claim must not wait for the next write or Oz's
             // delayed ACK.
-            None => tokio_tungstenite::connect_async_with_config(request, None, true).await,
+            None => {
+                tokio_tungstenite::connect_async_with_config(request, Some(websocket_config()), true)
+                    .await
+            }
             Some(proxy) => {
                 let host = url.host_str().ok_or("the WebSocket URL has no host")?;
                 let port = url.port_or_known_default().unwrap_or(443);
@@ -175,25 +229,32 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, String> {
                 stream
                     .set_nodelay(true)
                     .map_err(|error| format!("cannot set TCP_NODELAY: {error}"))?;
-                tokio_tungstenite::client_async_tls(request, stream).await
+                tokio_tungstenite::client_async_tls_with_config(
+                    request,
+                    stream,
+                    Some(websocket_config()),
+                    None,
+                )
+                .await
             }
         };
         result
             .map(|(socket, _response)| socket)
             .map_err(|error| match error {
-                tungstenite::Error::Http(response) => {
-                    format!("handshake rejected with HTTP status {}", response.status())
-                }
-                error => error.to_string(),
+                tungstenite::Error::Http(response) => DialError {
+                    message: format!("handshake rejected with HTTP status {}", response.status()),
+                    refused: response.status().is_client_error(),
+                },
+                error => DialError::from(error.to_string()),
             })
     };
     tokio::time::timeout(config.keepalive.handshake_timeout, handshake)
         .await
         .map_err(|_| {
-            format!(
+            DialError::from(format!(
                 "handshake timed out after {:?}",
                 config.keepalive.handshake_timeout
-            )
+            ))
         })?
 }
 
@@ -387,7 +448,8 @@ mod tests {
         let Err(error) = dial(&url, &config).await else {
             panic!("the handshake with a non-TLS peer must fail");
         };
-        assert!(!error.is_empty());
+        assert!(!error.message.is_empty());
+        assert!(!error.refused);
         let first_byte = peer.join_next().await.unwrap().unwrap().unwrap();
         assert_eq!(
             first_byte, 0x16,

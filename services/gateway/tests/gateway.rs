@@ -585,6 +585,26 @@ async fn a_server_that_accepts_and_closes_at_once_is_not_hammered() {
     );
 }
 
+#[tokio::test]
+async fn a_handshake_refused_with_a_4xx_is_retried_only_after_the_long_wait() {
+    let oz = FakeOz::start(OzMode::Unauthorized).await;
+    let _gateway = TestGateway::start(GatewayOptions {
+        keepalive: ozfleet_gateway::Keepalive {
+            refused_retry: Duration::from_secs(3600),
+            ..test_keepalive()
+        },
+        ..GatewayOptions::new(oz.url(""))
+    })
+    .await;
+    assert!(
+        eventually(WAIT, || oz.handshake_count() >= 1).await,
+        "the gateway never connected"
+    );
+    // A 503 is retried within about a second (see above); a 401 waits the long retry.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(oz.handshake_count(), 1, "a refused key is not hammered");
+}
+
 // ---- 11. node authentication and hello validation ------------------------------------
 
 #[tokio::test]

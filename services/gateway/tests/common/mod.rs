@@ -83,6 +83,8 @@ pub enum OzMode {
     AcceptAndClose,
     /// Refuse the handshake with HTTP 503 (Oz is down).
     Reject,
+    /// Refuse the handshake with HTTP 401 (a bad API key).
+    Unauthorized,
 }
 
 #[derive(Debug)]
@@ -196,6 +198,11 @@ async fn serve_oz_connection(
         if mode == OzMode::Reject {
             let mut refusal = ErrorResponse::new(Some("Oz is down".into()));
             *refusal.status_mut() = http::StatusCode::SERVICE_UNAVAILABLE;
+            return Err(refusal);
+        }
+        if mode == OzMode::Unauthorized {
+            let mut refusal = ErrorResponse::new(Some("bad API key".into()));
+            *refusal.status_mut() = http::StatusCode::UNAUTHORIZED;
             return Err(refusal);
         }
         Ok(response)
