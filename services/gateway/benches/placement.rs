@@ -44,7 +44,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-type NodeInbox = tokio::sync::mpsc::UnboundedReceiver<Result<v1::AttachResponse, tonic::Status>>;
+type NodeInbox = tokio::sync::mpsc::Receiver<Result<v1::AttachResponse, tonic::Status>>;
 
 struct Bench {
     fleet: Arc<Fleet>,
@@ -90,7 +90,8 @@ impl Bench {
     fn attach(&mut self, count: usize) {
         for index in self.inboxes.len()..self.inboxes.len() + count {
             let hello = hello(index);
-            let (sender, mut inbox) = tokio::sync::mpsc::unbounded_channel();
+            let (sender, mut inbox) =
+                tokio::sync::mpsc::channel(ozfleet_gateway::fleet::NODE_QUEUE);
             let epoch = self.fleet.attach(&hello, sender).expect("attach");
             while inbox.try_recv().is_ok() {}
             self.inboxes.insert(hello.node_id, (epoch, inbox));
@@ -187,7 +188,8 @@ fn main() {
             let start = LIVE_BYTES.load(Ordering::Relaxed);
             let mut map: HashMap<String, (u64, NodeInbox)> = HashMap::new();
             for index in 0..nodes {
-                let (_sender, inbox) = tokio::sync::mpsc::unbounded_channel();
+                let (_sender, inbox) =
+                    tokio::sync::mpsc::channel(ozfleet_gateway::fleet::NODE_QUEUE);
                 map.insert(hello(index).node_id, (0, inbox));
             }
             let held = LIVE_BYTES.load(Ordering::Relaxed) - start;

@@ -10,7 +10,7 @@ use ozfleet_proto::v1::node_service_server::NodeService;
 use ozfleet_proto::v1::{AttachRequest, AttachResponse, NodeHello, attach_request};
 use secrecy::{ExposeSecret, SecretString};
 use subtle::ConstantTimeEq;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::{Request, Response, Status, Streaming};
@@ -197,7 +197,7 @@ pub async fn open_attach<S>(
     streams: &TaskTracker,
     stop: CancellationToken,
     inbound: S,
-) -> Result<UnboundedReceiverStream<Result<AttachResponse, Status>>, GatewayError>
+) -> Result<ReceiverStream<Result<AttachResponse, Status>>, GatewayError>
 where
     S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
 {
@@ -213,7 +213,7 @@ pub async fn open_attach_as<S>(
     stop: CancellationToken,
     mut inbound: S,
     identity: Option<&CertificateIdentity>,
-) -> Result<UnboundedReceiverStream<Result<AttachResponse, Status>>, GatewayError>
+) -> Result<ReceiverStream<Result<AttachResponse, Status>>, GatewayError>
 where
     S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
 {
@@ -234,7 +234,7 @@ where
         check_identity(identity, &hello.node_id)?;
     }
 
-    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    let (sender, receiver) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
     let epoch = fleet.attach(&hello, sender)?;
     // Detaches however the reader ends, a panic included, so a node never looks attached
     // on a connection nobody reads.
@@ -262,7 +262,7 @@ where
             }
         }
     });
-    Ok(UnboundedReceiverStream::new(receiver))
+    Ok(ReceiverStream::new(receiver))
 }
 
 /// One node's attach stream, as the fleet knows it.

@@ -214,8 +214,12 @@ async fn dial(url: &Url, config: &UpstreamConfig) -> Result<Socket, DialError> {
             // Nagle's algorithm off: a claim must not wait for the next write or Oz's
             // delayed ACK.
             None => {
-                tokio_tungstenite::connect_async_with_config(request, Some(websocket_config()), true)
-                    .await
+                tokio_tungstenite::connect_async_with_config(
+                    request,
+                    Some(websocket_config()),
+                    true,
+                )
+                .await
             }
             Some(proxy) => {
                 let host = url.host_str().ok_or("the WebSocket URL has no host")?;

@@ -59,7 +59,8 @@ pub use events::{
 };
 use ledger::{Phase, Task, TaskLedger};
 use placement::PlacementIndex;
-pub use registry::NodeSender;
+use registry::Sent;
+pub use registry::{NODE_QUEUE, NodeSender};
 use registry::{NodeRegistry, Registered};
 
 /// The shortest offer timeout a fast-answering node gets (see [`offer_timeout_for`]).
@@ -533,13 +534,23 @@ impl FleetState {
         }
     }
 
-    fn send_to(&self, node_id: &str, message: attach_response::Kind) {
-        if let Some(node) = self.registry.get(node_id) {
-            node.send(message);
+    /// Queues a message for a node; a node whose queue is full is disconnected (it
+    /// reconnects with its full state, which reconciliation squares).
+    fn send_to(&mut self, node_id: &str, message: attach_response::Kind) {
+        let Some(node) = self.registry.get(node_id) else {
+            return;
+        };
+        if node.send(message) == Sent::Overflowed {
+            let epoch = node.epoch;
+            warn!(
+                node_id,
+                "Node does not read its stream ({NODE_QUEUE} messages queued); dropping its connection"
+            );
+            self.detach(node_id, epoch);
         }
     }
 
-    fn cancel_on(&self, node_id: &str, task_id: &str, execution_id: &str) {
+    fn cancel_on(&mut self, node_id: &str, task_id: &str, execution_id: &str) {
         self.send_to(
             node_id,
             attach_response::Kind::Cancellation(v1::TaskCancellation {
@@ -788,9 +799,11 @@ impl FleetState {
             node.tasks.insert(task_id.to_owned());
             node.last_placed = offer;
             debug!(task_id, %node_id, node_name = node.name, "Offering task to node");
-            node.send(message);
         }
         self.refresh_placement(&node_id);
+        // After the bookkeeping: an overflow detaches the node, and its offer then waits
+        // for the offer timeout like any offer to a node that went away.
+        self.send_to(&node_id, message);
         self.emit(FleetEvent::TaskOffered {
             task_id: task_id.to_owned(),
             execution_id,
@@ -945,6 +958,7 @@ impl FleetState {
                 "node {node_id} vanished while attaching"
             )));
         };
+        // A fresh queue: the welcome always fits.
         node.send(attach_response::Kind::Welcome(v1::Welcome {
             epoch,
             worker_id: self.settings.worker_id.clone(),
@@ -1259,7 +1273,7 @@ impl FleetState {
 
     /// Acknowledges an outcome, unless its relay still waits to be written (the
     /// acknowledgement then follows the write).
-    fn acknowledge(&self, node_id: &str, task_id: &str, execution_id: &str) {
+    fn acknowledge(&mut self, node_id: &str, task_id: &str, execution_id: &str) {
         if !self.ledger.is_unsent(task_id, execution_id) {
             self.send_to(node_id, outcome_ack(task_id, execution_id));
         }

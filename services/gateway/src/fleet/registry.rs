@@ -14,7 +14,22 @@ use super::deadlines::DeadlineKey;
 use super::events::{NodeSnapshot, NodeState};
 use super::placement::Standing;
 
-pub type NodeSender = tokio::sync::mpsc::UnboundedSender<Result<AttachResponse, Status>>;
+/// Messages queued for one node's stream, at most [`NODE_QUEUE`]: a node that does not
+/// read its stream is disconnected rather than allowed to grow the gateway's memory.
+pub type NodeSender = tokio::sync::mpsc::Sender<Result<AttachResponse, Status>>;
+
+/// How many messages may wait for one node.
+pub const NODE_QUEUE: usize = 1024;
+
+/// Whether a message reached a node's queue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sent {
+    Queued,
+    /// The node is disconnected or leaving (its detach cleans up).
+    Gone,
+    /// The queue is full: the node does not read its stream.
+    Overflowed,
+}
 
 /// What the gateway keeps about one node.
 pub struct NodeRecord {
@@ -78,13 +93,17 @@ impl NodeRecord {
         }
     }
 
-    /// Queues a message on the node's stream. A closed stream means the node is leaving;
-    /// its detach cleans up, so the error is not interesting here.
-    pub fn send(&self, message: attach_response::Kind) {
-        if let Some(stream) = &self.stream {
-            let _ = stream.send(Ok(AttachResponse {
-                kind: Some(message),
-            }));
+    /// Queues a message on the node's stream, never waiting.
+    pub fn send(&self, message: attach_response::Kind) -> Sent {
+        let Some(stream) = &self.stream else {
+            return Sent::Gone;
+        };
+        match stream.try_send(Ok(AttachResponse {
+            kind: Some(message),
+        })) {
+            Ok(()) => Sent::Queued,
+            Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Sent::Overflowed,
+            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Sent::Gone,
         }
     }
 

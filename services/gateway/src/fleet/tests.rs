@@ -12,7 +12,7 @@ use ozfleet_proto::v1::{
     task_outcome,
 };
 use tokio::sync::broadcast::error::TryRecvError;
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
@@ -48,7 +48,7 @@ impl Drop for Harness {
 struct TestNode {
     id: String,
     epoch: u64,
-    inbox: UnboundedReceiver<Result<AttachResponse, Status>>,
+    inbox: Receiver<Result<AttachResponse, Status>>,
 }
 
 fn hello(node_id: &str) -> NodeHello {
@@ -136,7 +136,7 @@ impl Harness {
     }
 
     fn attach(&self, hello: NodeHello) -> TestNode {
-        let (sender, mut inbox) = tokio::sync::mpsc::unbounded_channel();
+        let (sender, mut inbox) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
         let id = hello.node_id.clone();
         let epoch = self.fleet.attach(&hello, sender).expect("attached");
         match inbox.try_recv() {
@@ -295,7 +295,7 @@ async fn a_second_process_with_the_same_node_id_is_refused_while_the_first_is_at
     let _first = h.attach(hello("node-a"));
     let mut impostor = hello("node-a");
     impostor.instance_id = "another-process".into();
-    let (sender, _inbox) = tokio::sync::mpsc::unbounded_channel();
+    let (sender, _inbox) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
     let error = h.fleet.attach(&impostor, sender).unwrap_err();
     assert!(matches!(error, GatewayError::DuplicateNode(ref id) if id == "node-a"));
     assert!(h.events().contains(&FleetEvent::NodeRefused {
@@ -303,7 +303,7 @@ async fn a_second_process_with_the_same_node_id_is_refused_while_the_first_is_at
     }));
     // Once the first is gone, the other process may take the identity.
     h.fleet.detach("node-a", 1);
-    let (sender, _inbox) = tokio::sync::mpsc::unbounded_channel();
+    let (sender, _inbox) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
     assert!(h.fleet.attach(&impostor, sender).is_ok());
 }
 
@@ -1117,7 +1117,7 @@ mod properties {
                             .unacknowledged_outcomes
                             .push(succeeded(&task_id, &execution_id));
                     }
-                    let (sender, inbox) = tokio::sync::mpsc::unbounded_channel();
+                    let (sender, inbox) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
                     if let Ok(epoch) = h.fleet.attach(&hello, sender) {
                         epochs.insert(node, epoch);
                         inboxes.push(inbox);
@@ -1223,4 +1223,26 @@ mod properties {
             runtime.block_on(play(steps))?;
         }
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_node_that_does_not_read_its_stream_is_disconnected_not_buffered_for() {
+    let mut h = Harness::new();
+    // A queue of two: the welcome and one offer fit, the next offer does not.
+    let (sender, _unread) = tokio::sync::mpsc::channel(2);
+    let epoch = h.fleet.attach(&hello("node-a"), sender).unwrap();
+    h.assign("run-1", "exec-1");
+    h.assign("run-2", "exec-2");
+    let detached = h
+        .events()
+        .into_iter()
+        .find(|event| matches!(event, FleetEvent::NodeDetached { .. }));
+    assert_eq!(
+        detached,
+        Some(FleetEvent::NodeDetached {
+            node_id: "node-a".into(),
+            epoch
+        })
+    );
+    assert_eq!(h.fleet.snapshot().nodes[0].state, NodeState::Disconnected);
 }
