@@ -314,3 +314,35 @@ fn ops_can_inspect_the_gateway_with_grpcurl() {
     ]);
     assert!(health.contains("SERVING"), "{health}");
 }
+
+#[test]
+fn no_direct_task_process_outlives_a_killed_agent_and_the_run_is_reported_once() {
+    let stack = Stack::start();
+    let mut agent = stack.agent("agent-a", &[]);
+    let run = stack.api.create("Sleep 300 seconds");
+    stack.api.wait_for_state(&run, "INPROGRESS", RUN_TIMEOUT);
+    common::wait_until(Duration::from_secs(10), "the sleep child to start", || {
+        processes_of_run(&run).len() >= 2
+    });
+    // kill -9: the agent cannot clean up; the task shim sees its parent die and ends
+    // the whole process group.
+    agent.kill();
+    common::wait_until(
+        Duration::from_secs(20),
+        "every process of the run to end with the agent",
+        || processes_of_run(&run).is_empty(),
+    );
+    // Back with the same identity and without the task: the gateway reports it, once.
+    let _agent = stack.agent("agent-a", &[]);
+    let item = stack.api.wait_for_state(&run, "FAILED", RUN_TIMEOUT);
+    assert_eq!(item["failure_reason"], "unknown", "{item}");
+    let reports = stack
+        .gateway
+        .log()
+        .lines()
+        .filter(|line| {
+            line.contains(&run) && (line.contains("Task lost") || line.contains("Task finished"))
+        })
+        .count();
+    assert_eq!(reports, 1, "{}", stack.gateway.log());
+}

@@ -58,6 +58,7 @@ impl Fixture {
             environment: Vec::new(),
             cleanup: true,
             cancel_grace: GRACE,
+            task_shim: None,
         }
     }
 

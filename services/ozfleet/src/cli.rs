@@ -350,6 +350,13 @@ pub fn main() -> ExitCode {
     if program.as_deref() == Some(crate::demo_agent::PROGRAM_NAME) {
         return crate::demo_agent::main();
     }
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if arguments
+        .get(1)
+        .is_some_and(|argument| argument == crate::task_shim::ARGUMENT)
+    {
+        return crate::task_shim::main(&arguments[2..]);
+    }
     let cli = Cli::parse();
     if matches!(cli.command, Command::Agent(_)) {
         // The join token is parsed; tasks' setup and teardown commands inherit this

@@ -4,6 +4,7 @@ mod cli;
 mod commands;
 mod demo_agent;
 mod runtime;
+mod task_shim;
 
 pub use cli::main;
 pub use commands::dev::processes_of_run;

@@ -203,6 +203,8 @@ pub struct BackendContext {
     pub node_id: String,
     /// SIGTERM → SIGKILL grace for a cancelled task (process group or container).
     pub cancel_grace: Duration,
+    /// The task shim for Direct tasks (see [`DirectConfig::task_shim`]).
+    pub task_shim: Option<std::path::PathBuf>,
 }
 
 /// Builds the backend the merged flags and config file select. ozfleet's own overrides
@@ -223,6 +225,7 @@ pub async fn from_settings(
                 environment,
                 cleanup: config.cleanup,
                 cancel_grace: context.cancel_grace,
+                task_shim: context.task_shim.clone(),
             };
             // Resolving the oz CLI and creating the workspace root touch the filesystem.
             let backend = tokio::task::spawn_blocking(move || DirectBackend::new(direct))
@@ -337,6 +340,7 @@ mod tests {
         let context = BackendContext {
             node_id: "n".into(),
             cancel_grace: Duration::from_secs(1),
+            task_shim: None,
         };
         let error = from_settings(config, context).await.err().unwrap();
         assert!(

@@ -59,6 +59,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
         // Docker labels containers with the node id so a restarted agent finds its own.
         node_id: load_or_create_node_id(&args.state_dir)?,
         cancel_grace: CANCEL_GRACE,
+        // This very binary leads each Direct task's process group (`ozfleet __task-shim`),
+        // so no task process outlives an agent that dies.
+        task_shim: std::env::current_exe().ok(),
     };
     let backend = from_settings(merged, context).await?;
     // The same OTEL_* variables as the gateway; node metrics are `ozfleet_agent_*`.

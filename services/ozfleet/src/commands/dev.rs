@@ -220,6 +220,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
             environment: Vec::new(),
             cleanup: true,
             cancel_grace: Duration::from_secs(5),
+            task_shim: std::env::current_exe().ok(),
         })?),
         DevBackend::Docker => Arc::new(
             DockerBackend::new(DockerConfig {

@@ -71,6 +71,11 @@ pub struct DirectConfig {
     pub cleanup: bool,
     /// How long a cancelled process group gets between SIGTERM and SIGKILL.
     pub cancel_grace: Duration,
+    /// The task shim (`ozfleet __task-shim`), when available: it leads each task's process
+    /// group and kills the group if the agent dies, so no task process outlives the agent.
+    /// `None` runs task processes directly (they may then outlive an agent killed with
+    /// SIGKILL).
+    pub task_shim: Option<PathBuf>,
 }
 
 impl Default for DirectConfig {
@@ -80,6 +85,7 @@ impl Default for DirectConfig {
             environment: Vec::new(),
             cleanup: true,
             cancel_grace: DEFAULT_CANCEL_GRACE,
+            task_shim: None,
         }
     }
 }
@@ -106,6 +112,11 @@ pub struct DirectBackend {
 }
 
 impl DirectBackend {
+    /// A command for a task process, through the task shim when configured.
+    fn task_command(&self, program: &Path) -> Command {
+        shimmed(self.config.task_shim.as_deref(), program)
+    }
+
     /// Resolves the oz CLI and prepares the workspace root (or checks the target dir).
     /// Touches the filesystem: call it where blocking is allowed (startup, or
     /// `spawn_blocking` as [`from_settings`](super::from_settings) does).
@@ -279,7 +290,8 @@ impl DirectBackend {
             if cancel.is_cancelled() {
                 return Err(cancelled(0));
             }
-            let mut command = shell_command(setup, &workspace.dir);
+            let mut command =
+                shell_command(self.config.task_shim.as_deref(), setup, &workspace.dir);
             apply(&mut command, &env);
             command
                 .envs(oz_script_env(&workspace.dir, &task.task_id))
@@ -326,7 +338,7 @@ impl DirectBackend {
         if cancel.is_cancelled() {
             return Err(cancelled(0));
         }
-        let mut command = Command::new(&self.oz_path);
+        let mut command = self.task_command(&self.oz_path);
         command.args(&task.base_args).current_dir(&workspace.dir);
         restrict_to_host_basics(&mut command);
         apply(&mut command, env);
@@ -385,7 +397,7 @@ impl DirectBackend {
         let Some(teardown) = non_empty(self.config.settings.teardown_command.as_deref()) else {
             return;
         };
-        let mut command = shell_command(teardown, &workspace.dir);
+        let mut command = shell_command(self.config.task_shim.as_deref(), teardown, &workspace.dir);
         command
             .env("GIT_CONFIG_GLOBAL", git_config)
             .envs(oz_script_env(&workspace.dir, task_id));
@@ -450,11 +462,26 @@ fn non_empty(value: Option<&str>) -> Option<&str> {
     value.filter(|value| !value.trim().is_empty())
 }
 
-fn shell_command(script: &str, dir: &Path) -> Command {
-    let mut command = Command::new(SHELL);
+fn shell_command(shim: Option<&Path>, script: &str, dir: &Path) -> Command {
+    let mut command = shimmed(shim, Path::new(SHELL));
     command.arg("-c").arg(script).current_dir(dir);
     command
 }
+
+/// `program`, run through the task shim when there is one (see [`DirectConfig::task_shim`]).
+fn shimmed(shim: Option<&Path>, program: &Path) -> Command {
+    match shim {
+        Some(shim) => {
+            let mut command = Command::new(shim);
+            command.arg(TASK_SHIM_ARGUMENT).arg(program);
+            command
+        }
+        None => Command::new(program),
+    }
+}
+
+/// The argument that makes the `ozfleet` binary act as the task shim.
+pub const TASK_SHIM_ARGUMENT: &str = "__task-shim";
 
 #[cfg(test)]
 mod tests {
