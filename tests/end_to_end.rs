@@ -346,3 +346,38 @@ fn no_direct_task_process_outlives_a_killed_agent_and_the_run_is_reported_once()
         .count();
     assert_eq!(reports, 1, "{}", stack.gateway.log());
 }
+
+#[test]
+fn a_gateway_killed_with_runs_in_flight_restarts_and_no_run_is_lost_or_run_twice() {
+    let mut stack = Stack::start();
+    let agent_a = stack.agent("agent-a", &[]);
+    let agent_b = stack.agent("agent-b", &[]);
+    let runs: Vec<String> = (0..20)
+        .map(|i| stack.api.create(&format!("Sleep 3 seconds, run {i}")))
+        .collect();
+    common::wait_until(RUN_TIMEOUT, "some runs to be in progress", || {
+        runs.iter()
+            .filter(|run| stack.api.get(run)["state"] == "INPROGRESS")
+            .count()
+            >= 5
+    });
+    // kill -9 mid-flight: claims, outcomes and offers are cut wherever they are.
+    stack.crash_and_restart_gateway();
+    for run in &runs {
+        let item = stack.api.wait_for_state(run, "SUCCEEDED", RUN_TIMEOUT);
+        assert_eq!(item["state"], "SUCCEEDED", "{item}");
+    }
+    // Each run executed exactly once, on one agent.
+    let logs = [agent_a.log(), agent_b.log()];
+    for run in &runs {
+        let executions: usize = logs
+            .iter()
+            .map(|log| {
+                log.lines()
+                    .filter(|line| line.contains("Task accepted") && line.contains(run.as_str()))
+                    .count()
+            })
+            .sum();
+        assert_eq!(executions, 1, "run {run} executed {executions} times");
+    }
+}

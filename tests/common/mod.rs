@@ -125,6 +125,45 @@ pub fn accepted_task_ids(log: &str) -> std::collections::HashSet<String> {
         .collect()
 }
 
+/// A gateway process for a stack, journaling into `<dir>/gateway-state`.
+fn spawn_gateway(
+    name: &str,
+    dir: &Path,
+    http_port: u16,
+    gateway_port: u16,
+    admin_port: u16,
+    extra: &[String],
+    env: &[(String, String)],
+) -> Proc {
+    let state_dir = dir.join("gateway-state");
+    let mut args = vec![
+        "gateway".to_owned(),
+        "--worker-id".to_owned(),
+        WORKER_ID.to_owned(),
+        "--web-socket-url".to_owned(),
+        format!("ws://127.0.0.1:{http_port}/api/v1/selfhosted/worker/ws"),
+        "--server-root-url".to_owned(),
+        format!("http://127.0.0.1:{http_port}"),
+        "--listen".to_owned(),
+        format!("127.0.0.1:{gateway_port}"),
+        "--admin-listen".to_owned(),
+        format!("127.0.0.1:{admin_port}"),
+        "--state-dir".to_owned(),
+        state_dir.to_str().unwrap().to_owned(),
+    ];
+    args.extend(extra.iter().cloned());
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut envs = vec![
+        ("WARP_API_KEY", API_KEY),
+        ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN),
+    ];
+    envs.extend(
+        env.iter()
+            .map(|(key, value)| (key.as_str(), value.as_str())),
+    );
+    Proc::spawn(name, dir, &args, &envs)
+}
+
 /// Kills and reaps a child process (a third-party server a test started) when dropped.
 pub struct ChildGuard(pub Child);
 
@@ -307,6 +346,9 @@ pub struct Stack {
     pub admin_port: u16,
     pub http_port: u16,
     pub api: Api,
+    /// The gateway's extra arguments and environment, to start it again the same way.
+    gateway_extra: Vec<String>,
+    gateway_env: Vec<(String, String)>,
 }
 
 impl Stack {
@@ -435,33 +477,19 @@ impl Stack {
 
         let gateway_port = free_port();
         let admin_port = free_port();
-        let gateway = Proc::spawn(
+        let gateway_extra: Vec<String> = gateway_args.iter().map(|arg| arg.to_string()).collect();
+        let gateway_env: Vec<(String, String)> = gateway_env
+            .iter()
+            .map(|(key, value)| (key.to_string(), value.to_string()))
+            .collect();
+        let gateway = spawn_gateway(
             "gateway",
             dir.path(),
-            &[
-                "gateway",
-                "--worker-id",
-                WORKER_ID,
-                "--web-socket-url",
-                &format!("ws://127.0.0.1:{http_port}/api/v1/selfhosted/worker/ws"),
-                "--server-root-url",
-                &format!("http://127.0.0.1:{http_port}"),
-                "--listen",
-                &format!("127.0.0.1:{gateway_port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin_port}"),
-            ]
-            .into_iter()
-            .chain(gateway_args.iter().copied())
-            .collect::<Vec<_>>(),
-            &[
-                &[
-                    ("WARP_API_KEY", API_KEY),
-                    ("OZFLEET_JOIN_TOKEN", JOIN_TOKEN),
-                ],
-                gateway_env,
-            ]
-            .concat(),
+            http_port,
+            gateway_port,
+            admin_port,
+            &gateway_extra,
+            &gateway_env,
         );
         gateway.wait_for_log("Connected to Oz", Duration::from_secs(20));
         Self {
@@ -472,7 +500,25 @@ impl Stack {
             admin_port,
             http_port,
             api,
+            gateway_extra,
+            gateway_env,
         }
+    }
+
+    /// `kill -9` of the gateway, then the same gateway again (same ports, same state dir).
+    pub fn crash_and_restart_gateway(&mut self) {
+        self.gateway.kill();
+        self.gateway = spawn_gateway(
+            "gateway-restarted",
+            self.dir.path(),
+            self.http_port,
+            self.gateway_port,
+            self.admin_port,
+            &self.gateway_extra,
+            &self.gateway_env,
+        );
+        self.gateway
+            .wait_for_log("Connected to Oz", Duration::from_secs(20));
     }
 
     /// Stops the control plane (SIGTERM) and starts it again on the same port and database.

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use admin::AdminToken;
 pub use fleet::{Fleet, FleetEvent, FleetSnapshot, FleetTimings};
@@ -118,6 +118,9 @@ pub struct GatewayConfig {
     pub timings: FleetTimings,
     /// How nodes attach: mTLS or plain (loopback, or explicitly insecure).
     pub node_link: NodeLink,
+    /// Where the gateway journals what it hands out, so a restart neither loses nor
+    /// repeats work (see [`fleet::journal`]). `None`: a restart forgets.
+    pub state_dir: Option<std::path::PathBuf>,
 }
 
 /// The node link's security: mTLS with the fleet CA, or plain TCP, which the gateway
@@ -160,12 +163,42 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let outbox = Arc::new(outbox::Outbox::default());
-    let fleet = Fleet::new(
+    let (fleet, journal) = build_fleet(&config, &outbox).await?;
+    serve(listeners, config, fleet, outbox, journal, shutdown).await
+}
+
+/// The fleet, journaling into the state dir when there is one.
+async fn build_fleet(
+    config: &GatewayConfig,
+    outbox: &Arc<outbox::Outbox>,
+) -> Result<(Arc<Fleet>, Option<fleet::journal::JournalWriter>), GatewayError> {
+    let Some(state_dir) = config.state_dir.clone() else {
+        warn!("No --state-dir: a restart of this gateway forgets which node runs what");
+        let fleet = Fleet::new(
+            outbox.clone(),
+            config.settings.clone(),
+            config.timings.clone(),
+        );
+        return Ok((fleet, None));
+    };
+    let shown = state_dir.display().to_string();
+    let (journal, writer, recovered) =
+        tokio::task::spawn_blocking(move || fleet::journal::Journal::open(&state_dir))
+            .await
+            .map_err(|error| GatewayError::InvalidConfig(format!("reading the journal: {error}")))?
+            .map_err(|error| {
+                GatewayError::InvalidConfig(format!(
+                    "cannot use the state dir {shown} (--state-dir): {error}"
+                ))
+            })?;
+    let fleet = Fleet::with_journal(
         outbox.clone(),
         config.settings.clone(),
         config.timings.clone(),
+        journal,
+        recovered,
     );
-    run_with_fleet(listeners, config, fleet, outbox, shutdown).await
+    Ok((fleet, Some(writer)))
 }
 
 fn reflection_services() -> Result<
@@ -203,16 +236,12 @@ pub async fn run_observed(
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     let outbox = Arc::new(outbox::Outbox::default());
-    let fleet = Fleet::new(
-        outbox.clone(),
-        config.settings.clone(),
-        config.timings.clone(),
-    );
+    let (fleet, journal) = build_fleet(&config, &outbox).await?;
     metrics::register(&telemetry.meter(), &fleet, &config.upstream.worker_id);
     if let Some(tracer) = telemetry.tracer() {
         fleet.trace_with(tracer);
     }
-    run_with_fleet(listeners, config, fleet, outbox, shutdown).await
+    serve(listeners, config, fleet, outbox, journal, shutdown).await
 }
 
 /// [`run`] with a fleet built by the caller, who can then watch its events and
@@ -222,6 +251,17 @@ pub async fn run_with_fleet(
     config: GatewayConfig,
     fleet: Arc<Fleet>,
     outbox: Arc<outbox::Outbox>,
+    shutdown: CancellationToken,
+) -> Result<(), GatewayError> {
+    serve(listeners, config, fleet, outbox, None, shutdown).await
+}
+
+async fn serve(
+    listeners: GatewayListeners,
+    config: GatewayConfig,
+    fleet: Arc<Fleet>,
+    outbox: Arc<outbox::Outbox>,
+    journal: Option<fleet::journal::JournalWriter>,
     shutdown: CancellationToken,
 ) -> Result<(), GatewayError> {
     // Validate before anything starts, so a bad URL fails the process instead of a loop.
@@ -323,6 +363,14 @@ pub async fn run_with_fleet(
     servers.spawn(async move { serve_admin.await.map_err(GatewayError::from) });
     let background_stop = CancellationToken::new();
     let mut background = JoinSet::new();
+    if let Some(journal) = journal {
+        background.spawn_blocking(move || {
+            if let Err(error) = journal.run() {
+                // The fleet goes on; only the restart protection is lost.
+                error!("Cannot write the journal in the state dir: {error}");
+            }
+        });
+    }
     background.spawn({
         let fleet = fleet.clone();
         let stop = background_stop.clone();
@@ -350,6 +398,7 @@ pub async fn run_with_fleet(
     };
 
     fleet.close_node_streams();
+    fleet.close_journal();
     server_stop.cancel();
     background_stop.cancel();
     attach_streams.close();

@@ -173,6 +173,11 @@ pub struct GatewayArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub join_token: JoinTokenArgs,
+    /// Where the gateway journals which node was given which execution, so a restart
+    /// neither loses track of running tasks nor starts them twice (recommended:
+    /// /var/lib/ozfleet/gateway). Without it a restart forgets.
+    #[arg(long)]
+    pub state_dir: Option<PathBuf>,
     /// Address of the admin API (grpcurl, `ozfleet status`), health and reflection. Off
     /// loopback it needs an admin token.
     #[arg(long, default_value = "127.0.0.1:7071")]

@@ -20,6 +20,8 @@ pub enum Deadline {
     /// The node left an offer unanswered an offer timeout ago; if it is still silent on
     /// connection `epoch`, its connection is dropped.
     QuietNode { node_id: Arc<str>, epoch: u64 },
+    /// A re-offer held for a node that did not come back goes on without it.
+    HoldExpires { task_id: String },
     /// A cancellation for a task no node announced is forgotten.
     EarlyCancellationExpires { task_id: String },
 }

@@ -25,6 +25,7 @@
 
 mod deadlines;
 pub mod events;
+pub mod journal;
 mod ledger;
 mod oz_mapping;
 pub mod placement;
@@ -33,7 +34,7 @@ mod registry;
 #[cfg(test)]
 mod tests;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -57,6 +58,7 @@ pub use events::{
     EVENT_BUFFER, FleetEvent, FleetSnapshot, NodeSnapshot, NodeState, RejectReason, TaskResult,
     TaskSnapshot, TaskState,
 };
+use journal::{Journal, Recovered};
 use ledger::{Phase, Task, TaskLedger};
 use placement::PlacementIndex;
 use registry::Sent;
@@ -157,6 +159,21 @@ struct FleetState {
     timings: FleetTimings,
     /// Traces one span per task when set ([`Fleet::trace_with`]).
     tracer: Option<BoxedTracer>,
+    /// Records what is handed out, for the next start of the gateway.
+    journal: Journal,
+    /// Executions an earlier run of this gateway handed out and did not settle, by node:
+    /// their nodes' word about them is trusted, and Oz's re-offers of them wait for them.
+    recovered: Recovered,
+    /// Re-offers of recovered executions whose node has not reattached yet.
+    held: HashMap<String, Held>,
+}
+
+/// An assignment held until its execution's node is back (or the node-lost grace ends).
+struct Held {
+    execution_id: String,
+    title: String,
+    raw_json: Vec<u8>,
+    node_id: Arc<str>,
 }
 
 impl Fleet {
@@ -165,6 +182,30 @@ impl Fleet {
         settings: UpstreamSettings,
         timings: FleetTimings,
     ) -> Arc<Self> {
+        Self::with_journal(
+            outbox,
+            settings,
+            timings,
+            Journal::disabled(),
+            Recovered::new(),
+        )
+    }
+
+    /// A fleet that journals what it hands out, starting from what an earlier run of the
+    /// gateway left open (see [`journal`]).
+    pub fn with_journal(
+        outbox: Arc<Outbox>,
+        settings: UpstreamSettings,
+        timings: FleetTimings,
+        journal: Journal,
+        recovered: Recovered,
+    ) -> Arc<Self> {
+        if !recovered.is_empty() {
+            info!(
+                executions = recovered.len(),
+                "Executions handed out before the restart; waiting for their nodes"
+            );
+        }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
         Arc::new(Self {
             state: Mutex::new(FleetState {
@@ -181,6 +222,9 @@ impl Fleet {
                 settings,
                 timings,
                 tracer: None,
+                journal,
+                recovered,
+                held: HashMap::new(),
             }),
             deadline_scheduled: Notify::new(),
             events,
@@ -366,6 +410,11 @@ impl Fleet {
         state.task_snapshot(task_id)
     }
 
+    /// No more journal entries (the gateway is stopping); its writer then ends.
+    pub fn close_journal(&self) {
+        self.apply(|state| state.journal.close());
+    }
+
     /// Closes every node stream (gateway shutdown); nodes keep their tasks and reconnect.
     pub fn close_node_streams(&self) {
         self.apply(|state| {
@@ -409,6 +458,7 @@ impl Fleet {
                     Deadline::QuietNode { node_id, epoch } => {
                         state.quiet_node_check(&node_id, epoch)
                     }
+                    Deadline::HoldExpires { task_id } => state.release(&task_id),
                     Deadline::EarlyCancellationExpires { task_id } => {
                         state.ledger.take_early_cancellation(&task_id);
                     }
@@ -627,17 +677,53 @@ impl FleetState {
             self.outbox.push(message);
             return;
         }
+        let key = (task_id.to_owned(), assignment.execution_id.clone());
+        if let Some(node_id) = self.recovered.get(&key).cloned() {
+            let node_back = self
+                .registry
+                .get(&node_id)
+                .is_some_and(|node| node.is_connected());
+            if !node_back {
+                // Handed out before the restart to a node not back yet: starting it
+                // elsewhere could run it twice. Wait for the node (or the grace).
+                info!(task_id, %node_id, "Holding a re-offer until its node is back");
+                self.held.insert(
+                    task_id.to_owned(),
+                    Held {
+                        execution_id: assignment.execution_id.clone(),
+                        title: assignment.task.title.clone(),
+                        raw_json: raw_json.to_vec(),
+                        node_id,
+                    },
+                );
+                self.schedule(
+                    self.timings.node_lost_timeout,
+                    Deadline::HoldExpires {
+                        task_id: task_id.to_owned(),
+                    },
+                );
+                return;
+            }
+            // Its node is back and did not announce it (it would be in the ledger).
+            self.recovered.remove(&key);
+        }
+        self.admit(
+            task_id,
+            &assignment.execution_id,
+            &assignment.task.title,
+            raw_json,
+        );
+    }
+
+    /// Takes a new task into the ledger and places it.
+    fn admit(&mut self, task_id: &str, execution_id: &str, title: &str, raw_json: &[u8]) {
         // Per-task lines at info are one per operator-relevant transition: claimed on a
         // node, finished (or rejected, lost). The steps in between are debug.
-        debug!(
-            task_id,
-            title = assignment.task.title,
-            "Task assigned by Oz"
-        );
+        debug!(task_id, title, "Task assigned by Oz");
         self.ledger.tasks.insert(
             task_id.to_owned(),
             Task {
-                execution_id: assignment.execution_id.clone(),
+                execution_id: execution_id.to_owned(),
                 node_id: None,
                 phase: Phase::Offered { offer: 0 },
                 cancel_requested: false,
@@ -649,10 +735,47 @@ impl FleetState {
                 assigned_at: Some(Instant::now()),
                 running_since: None,
                 offered_at: None,
-                span: self.task_span(task_id, Some(&assignment.task.title), false),
+                span: self.task_span(task_id, Some(title), false),
             },
         );
         self.place(task_id);
+    }
+
+    /// A held re-offer goes on: claimed where it runs if its node announced it, placed
+    /// like any task otherwise.
+    fn release(&mut self, task_id: &str) {
+        let Some(held) = self.held.remove(task_id) else {
+            return;
+        };
+        self.recovered
+            .remove(&(task_id.to_owned(), held.execution_id.clone()));
+        match self.ledger.tasks.get(task_id) {
+            Some(task) if task.execution_id == held.execution_id => {
+                if let (Phase::Running, Some(node_id)) = (task.phase, task.node_id.clone()) {
+                    info!(task_id, %node_id, "Held re-offer runs on its node; claiming it");
+                    let execution_id = held.execution_id.clone();
+                    self.claim(task_id, &execution_id, &node_id, None);
+                }
+            }
+            Some(_) => warn!(task_id, "Held re-offer superseded by another execution"),
+            None if self.ledger.is_finished(task_id, &held.execution_id) => {}
+            None => self.admit(task_id, &held.execution_id, &held.title, &held.raw_json),
+        }
+    }
+
+    /// After node `node_id` reattached and was reconciled: its held re-offers go on, and
+    /// the recovered executions it did not announce are no longer expected.
+    fn node_back(&mut self, node_id: &Arc<str>) {
+        let held: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(_, held)| held.node_id == *node_id)
+            .map(|(task_id, _)| task_id.clone())
+            .collect();
+        for task_id in held {
+            self.release(&task_id);
+        }
+        self.recovered.retain(|_, owner| owner != node_id);
     }
 
     fn on_cancellation(&mut self, task_id: &str) {
@@ -735,6 +858,8 @@ impl FleetState {
         let Some(task) = self.ledger.tasks.remove(task_id) else {
             return;
         };
+        // No node holds it any more.
+        self.journal.settled(task_id, &task.execution_id);
         if let Some(mut span) = task.span {
             span.add_event(
                 "task.rejected",
@@ -770,6 +895,7 @@ impl FleetState {
         };
         task.node_id = Some(node_id.clone());
         task.phase = Phase::Offered { offer };
+        self.journal.given(task_id, &task.execution_id, &node_id);
         task.offer_deadline = Some(deadline);
         task.offered_at = Some(Instant::now());
         task.since = SystemTime::now();
@@ -907,6 +1033,7 @@ impl FleetState {
                 self.ledger
                     .remember_finished(task_id, &task.execution_id, None);
                 let message = oz_mapping::operator_cancelled(task_id);
+                self.journal.settled(task_id, &task.execution_id);
                 let ran_for = task.ran_for();
                 end_span(task.span, &message);
                 self.emit(FleetEvent::TaskFinished {
@@ -927,6 +1054,7 @@ impl FleetState {
             if let Some(task) = self.ledger.tasks.remove(task_id) {
                 self.ledger
                     .remember_finished(task_id, &task.execution_id, None);
+                self.journal.settled(task_id, &task.execution_id);
                 if let Some(mut span) = task.span {
                     span.add_event("task.dropped", Vec::new());
                     span.end();
@@ -990,6 +1118,7 @@ impl FleetState {
             reattached,
         });
         self.reconcile(&node_id, hello);
+        self.node_back(&node_id);
         self.refresh_placement(&node_id);
         Ok(epoch)
     }
@@ -1076,6 +1205,7 @@ impl FleetState {
         self.ledger
             .remember_finished(task_id, &task.execution_id, task.node_id.clone());
         let message = oz_mapping::lost_message(task_id, why);
+        self.journal.settled(task_id, &task.execution_id);
         let ran_for = task.ran_for();
         end_span(task.span, &message);
         self.emit(FleetEvent::TaskFinished {
@@ -1194,6 +1324,14 @@ impl FleetState {
                 // Already relayed (a repeat after a lost acknowledgement).
                 self.acknowledge(node_id, task_id, execution_id);
             }
+            None if self
+                .recovered
+                .get(&(task_id.to_owned(), execution_id.to_owned()))
+                .is_some_and(|owner| **owner == *node_id) =>
+            {
+                // Given to this node before the gateway restarted, and ended meanwhile.
+                self.relay_recovered(node_id, &outcome);
+            }
             None => {
                 warn!(
                     task_id,
@@ -1241,6 +1379,7 @@ impl FleetState {
         self.ledger
             .remember_finished(task_id, &task.execution_id, Some(owner.clone()));
         self.ledger.mark_unsent(task_id, &task.execution_id);
+        self.journal.settled(task_id, &task.execution_id);
         let ran_for = task.ran_for();
         end_span(task.span.take(), &message);
         self.emit(FleetEvent::TaskFinished {
@@ -1255,6 +1394,44 @@ impl FleetState {
             node_id: node_id.to_owned(),
             task_id: task_id.to_owned(),
             execution_id: task.execution_id,
+        };
+        self.outbox.push_with_receipt(message, Some(receipt));
+    }
+
+    /// Relays the outcome of an execution an earlier run of the gateway gave this node. The
+    /// claim may not have reached Oz before the restart: claiming again is harmless.
+    fn relay_recovered(&mut self, node_id: &str, outcome: &TaskOutcome) {
+        let (task_id, execution_id) = (outcome.task_id.as_str(), outcome.execution_id.as_str());
+        let Some(owner) = self
+            .recovered
+            .remove(&(task_id.to_owned(), execution_id.to_owned()))
+        else {
+            return;
+        };
+        self.claim(task_id, execution_id, &owner, None);
+        let message = oz_mapping::upstream_message(outcome);
+        info!(
+            task_id,
+            node_id,
+            outcome = message.message_type(),
+            "Task finished while the gateway was away"
+        );
+        self.ledger
+            .remember_finished(task_id, execution_id, Some(owner.clone()));
+        self.ledger.mark_unsent(task_id, execution_id);
+        self.journal.settled(task_id, execution_id);
+        self.emit(FleetEvent::TaskFinished {
+            task_id: task_id.to_owned(),
+            execution_id: execution_id.to_owned(),
+            node_id: owner,
+            result: oz_mapping::result_of(&message),
+            lost: false,
+            ran_for: Duration::ZERO,
+        });
+        let receipt = Receipt {
+            node_id: node_id.to_owned(),
+            task_id: task_id.to_owned(),
+            execution_id: execution_id.to_owned(),
         };
         self.outbox.push_with_receipt(message, Some(receipt));
     }

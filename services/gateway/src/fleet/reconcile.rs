@@ -107,6 +107,27 @@ impl FleetState {
                     );
                     self.cancel_on(node_id, task_id, execution_id);
                 }
+                None if self
+                    .recovered
+                    .get(&(task_id.to_owned(), execution_id.to_owned()))
+                    .is_some_and(|owner| owner == node_id) =>
+                {
+                    // Handed to this very node before the gateway restarted.
+                    self.recovered
+                        .remove(&(task_id.to_owned(), execution_id.to_owned()));
+                    self.adopt(node_id, task_id, execution_id);
+                }
+                None if self
+                    .recovered
+                    .contains_key(&(task_id.to_owned(), execution_id.to_owned())) =>
+                {
+                    warn!(
+                        task_id,
+                        %node_id,
+                        "Node runs a task the journal gives to another node; telling it to stop"
+                    );
+                    self.cancel_on(node_id, task_id, execution_id);
+                }
                 None if !adopting => {
                     warn!(
                         task_id,
@@ -145,6 +166,7 @@ impl FleetState {
         if let Some(node) = self.registry.get_mut(node_id) {
             node.tasks.insert(task_id.to_owned());
         }
+        self.journal.given(task_id, execution_id, node_id);
         self.emit(FleetEvent::TaskStarted {
             task_id: task_id.to_owned(),
             execution_id: execution_id.to_owned(),

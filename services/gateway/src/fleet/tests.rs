@@ -17,6 +17,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tonic::Status;
 
+use super::journal;
 use super::*;
 use crate::outbox::Outbox;
 
@@ -1245,4 +1246,103 @@ async fn a_node_that_does_not_read_its_stream_is_disconnected_not_buffered_for()
         })
     );
     assert_eq!(h.fleet.snapshot().nodes[0].state, NodeState::Disconnected);
+}
+
+// ---- after a gateway restart (journal) ----------------------------------------------------
+
+/// A fleet as a restarted gateway builds it: `recovered` is what the journal left open.
+fn restarted(recovered: &[(&str, &str, &str)]) -> Harness {
+    let mut h = Harness::new();
+    let recovered: journal::Recovered = recovered
+        .iter()
+        .map(|(task, execution, node)| {
+            (
+                ((*task).to_owned(), (*execution).to_owned()),
+                Arc::from(*node),
+            )
+        })
+        .collect();
+    let settings = UpstreamSettings {
+        worker_id: WORKER_ID.into(),
+        ..Default::default()
+    };
+    h.fleet = Fleet::with_journal(
+        h.outbox.clone(),
+        settings,
+        timings(),
+        journal::Journal::disabled(),
+        recovered,
+    );
+    h.events = h.fleet.subscribe();
+    h._deadline_loop.spawn({
+        let fleet = h.fleet.clone();
+        let stop = h.stop.clone();
+        async move { fleet.run_deadlines(stop).await }
+    });
+    h
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_re_offer_waits_for_its_node_and_is_claimed_where_it_still_runs() {
+    let h = restarted(&[("run-1", "exec-1", "node-a")]);
+    // Another node is back first and idle: the re-offer must not start there.
+    let mut other = h.attach(hello("node-b"));
+    h.assign("run-1", "exec-1");
+    assert!(other.offers().is_empty(), "held, not started a second time");
+    assert!(h.upstream().is_empty(), "nor rejected");
+    let mut back = hello("node-a");
+    back.running_tasks.push(running("run-1", "exec-1"));
+    let mut node = h.attach(back);
+    assert!(node.messages().is_empty());
+    assert_eq!(h.upstream(), vec![claimed("run-1")]);
+    // And its outcome is relayed as usual.
+    h.fleet
+        .on_outcome("node-a", node.epoch, succeeded("run-1", "exec-1"));
+    assert_eq!(h.upstream(), vec![WorkerMessage::completed("run-1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_held_re_offer_goes_elsewhere_if_its_node_does_not_come_back() {
+    let mut h = restarted(&[("run-1", "exec-1", "node-a")]);
+    let mut other = h.attach(hello("node-b"));
+    h.assign("run-1", "exec-1");
+    let started = Instant::now();
+    h.wait_for(|event| matches!(event, FleetEvent::TaskOffered { .. }))
+        .await;
+    assert_eq!(started.elapsed(), timings().node_lost_timeout);
+    assert_eq!(other.offers(), vec!["run-1"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outcome_that_ended_while_the_gateway_was_away_is_relayed_with_its_claim() {
+    let h = restarted(&[("run-1", "exec-1", "node-a")]);
+    let with_outcome = NodeHello {
+        unacknowledged_outcomes: vec![failed("run-1", "exec-1", "agent_invocation", 3)],
+        ..hello("node-a")
+    };
+    let mut node = h.attach(with_outcome);
+    let upstream = h.upstream();
+    assert_eq!(upstream[0], claimed("run-1"));
+    assert!(matches!(&upstream[1], WorkerMessage::TaskFailed(failed)
+        if failed.failure_reason == "agent_invocation"));
+    assert_eq!(upstream.len(), 2);
+    assert_eq!(node.messages(), vec![ack("run-1", "exec-1")]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_journal_decides_who_may_report_after_a_restart() {
+    let mut h = restarted(&[("run-1", "exec-1", "node-a")]);
+    // Another node claims to run it, or reports it: stopped and fenced.
+    let mut claims = hello("node-b");
+    claims.running_tasks.push(running("run-1", "exec-1"));
+    let mut impostor = h.attach(claims);
+    assert_eq!(impostor.messages(), vec![cancellation("run-1", "exec-1")]);
+    h.fleet
+        .on_outcome("node-b", impostor.epoch, succeeded("run-1", "exec-1"));
+    assert!(h.upstream().is_empty());
+    assert!(
+        h.events()
+            .iter()
+            .any(|event| matches!(event, FleetEvent::OutcomeFenced { .. }))
+    );
 }

@@ -354,6 +354,8 @@ pub fn test_timings() -> FleetTimings {
 
 pub struct GatewayOptions {
     pub web_socket_url: String,
+    /// The journal's directory; `None` (the default) journals nothing.
+    pub state_dir: Option<std::path::PathBuf>,
     pub admin_token: Option<&'static str>,
     pub keepalive: Keepalive,
     pub timings: FleetTimings,
@@ -364,6 +366,7 @@ impl GatewayOptions {
     pub fn new(web_socket_url: String) -> Self {
         Self {
             web_socket_url,
+            state_dir: None,
             admin_token: None,
             keepalive: test_keepalive(),
             timings: test_timings(),
@@ -416,6 +419,7 @@ impl TestGateway {
                 .map(|token| AdminToken::new(token).unwrap()),
             timings: options.timings,
             node_link: Default::default(),
+            state_dir: options.state_dir.clone(),
         };
         let listeners = GatewayListeners {
             node: listener,

@@ -34,6 +34,8 @@ use crate::runtime::shutdown_on_signal;
 const API_KEY: &str = "ozfleet-dev-key";
 const WORKER_ID: &str = "ozfleet-dev";
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a cancelled run's pod may take to stop (deletion grace 5 s, kubelet sync).
+const K8S_POD_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 struct Stack {
     control_plane: Part,
@@ -110,7 +112,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!();
 
     let demos_ok = tokio::select! {
-        result = run_demos(&api) => result?,
+        result = run_demos(&api, args.backend) => result?,
         () = shutdown.cancelled() => false,
     };
 
@@ -193,6 +195,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         timings: FleetTimings::default(),
         // Loopback: plain, as before.
         node_link: Default::default(),
+        state_dir: Some(workdir.join("gateway-state")),
     };
     let listeners = GatewayListeners {
         node: node_listener,
@@ -262,7 +265,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
 }
 
 /// Runs the three demos; true when each ended as expected.
-async fn run_demos(api: &Api) -> anyhow::Result<bool> {
+async fn run_demos(api: &Api, backend: DevBackend) -> anyhow::Result<bool> {
     let mut all_ok = true;
 
     println!("Demo 1/3: a run that succeeds");
@@ -293,7 +296,7 @@ async fn run_demos(api: &Api) -> anyhow::Result<bool> {
         api.cancel(&run).await?;
         let item = follow(api, &run, None).await?;
         all_ok &= expect_state(&item, RunState::Cancelled);
-        let left = processes_of_run(&run);
+        let left = processes_left(&run, backend).await;
         if left.is_empty() {
             println!("  no process of run {run} is left");
         } else {
@@ -313,6 +316,32 @@ async fn run_demos(api: &Api) -> anyhow::Result<bool> {
         }
     );
     Ok(all_ok)
+}
+
+/// The processes of a cancelled run still alive. On Kubernetes the cluster stops the pod
+/// after the Job's deletion (foreground, with the grace period), so they get that long.
+async fn processes_left(run_id: &str, backend: DevBackend) -> Vec<u32> {
+    let patience = match backend {
+        DevBackend::Direct | DevBackend::Docker => Duration::ZERO,
+        DevBackend::Kubernetes => K8S_POD_STOP_TIMEOUT,
+    };
+    let started = Instant::now();
+    loop {
+        let left = processes_of_run(run_id);
+        if left.is_empty() {
+            if !patience.is_zero() {
+                println!(
+                    "  the cluster stopped the Job's pod +{:.2}s after the cancellation",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            return left;
+        }
+        if started.elapsed() >= patience {
+            return left;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 fn expect_state(item: &RunItem, expected: RunState) -> bool {

@@ -90,6 +90,7 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
         admin_token,
         timings: FleetTimings::default(),
         node_link,
+        state_dir: args.state_dir.clone(),
     })
 }
 
