@@ -181,6 +181,31 @@ fn a_killed_agent_finds_its_container_again_and_reports_the_true_outcome() {
 }
 
 #[test]
+fn an_agent_stopped_with_sigterm_leaves_its_container_running_for_the_next_agent() {
+    let stack = docker_stack();
+    let mut agent = docker_agent(&stack, "docker-d", &[]);
+    let run = stack.api.create("Sleep 6 seconds, then finish");
+    stack.api.wait_for_state(&run, "INPROGRESS", RUN_TIMEOUT);
+    let status = agent
+        .terminate(Duration::from_secs(30))
+        .expect("the agent exits on SIGTERM");
+    assert!(status.success(), "{status:?}");
+    // An agent restart or upgrade does not cut the task short…
+    let running = docker(&[
+        "ps",
+        "-q",
+        "--filter",
+        &format!("label=dev.ozfleet.task-id={run}"),
+    ]);
+    assert!(!running.trim().is_empty(), "the container kept running");
+    assert_eq!(stack.api.get(&run)["state"], "INPROGRESS");
+    // …the next agent adopts it and its true outcome is reported once.
+    let agent = docker_agent(&stack, "docker-d", &[]);
+    agent.wait_for_log("Resuming a task", Duration::from_secs(20));
+    stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+}
+
+#[test]
 fn the_agent_sidecar_is_read_only_and_configured_volumes_are_mounted() {
     let stack = docker_stack();
     let data = stack.dir.path().join("shared-data");

@@ -345,9 +345,14 @@ impl TaskBackend for DockerBackend {
         Box::pin(self.follow(task, cancel))
     }
 
+    /// Containers keep running while the agent is down (a restart or an upgrade of the
+    /// agent must not cut tasks short); the next run of the agent re-adopts them.
+    fn preserves_tasks_on_shutdown(&self) -> bool {
+        true
+    }
+
     /// Waits (bounded) for sidecar volume fills still running. No container is stopped:
-    /// the node cancels its tasks before shutting the backend down, and containers it
-    /// leaves running are meant to be recovered. The daemon connection is closed when the
+    /// containers left running are recovered by the next run of the agent. The daemon connection is closed when the
     /// backend is dropped.
     fn shutdown(&self, timeout: Duration) -> BoxFuture<'_, ()> {
         Box::pin(async move {
