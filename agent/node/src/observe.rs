@@ -8,8 +8,9 @@ use std::collections::HashMap;
 use opentelemetry::KeyValue;
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
 use opentelemetry::metrics::{Counter, Histogram, Meter};
-use opentelemetry::trace::{Span as _, Status, Tracer as _};
+use opentelemetry::trace::Tracer as _;
 use ozfleet_proto::v1::task_outcome;
+use ozfleet_telemetry::task_span::{TaskEnd, end_task_span};
 
 /// `service.name` of node agents.
 pub const SERVICE_NAME: &str = "ozfleet-agent";
@@ -123,27 +124,13 @@ pub(crate) fn execution_span(
 
 /// Ends an execution span with the reference's closing event and status.
 pub(crate) fn end_span(span: Option<BoxedSpan>, result: &task_outcome::Result) {
-    let Some(mut span) = span else { return };
-    match result {
-        task_outcome::Result::Succeeded(_) => {
-            span.add_event("task.completed", Vec::new());
-            span.set_status(Status::Ok);
-        }
-        task_outcome::Result::Cancelled(_) => {
-            span.add_event("task.cancelled", vec![KeyValue::new("source", "user")]);
-            span.set_status(Status::Ok);
-        }
-        task_outcome::Result::Failed(failed) => {
-            span.add_event(
-                "task.failed",
-                vec![
-                    KeyValue::new("failure.phase", "backend"),
-                    KeyValue::new("failure.reason", failed.failure_reason.clone()),
-                    KeyValue::new("error.message", failed.message.clone()),
-                ],
-            );
-            span.set_status(Status::error(failed.failure_reason.clone()));
-        }
-    }
-    span.end();
+    let end = match result {
+        task_outcome::Result::Succeeded(_) => TaskEnd::Completed,
+        task_outcome::Result::Cancelled(_) => TaskEnd::Cancelled,
+        task_outcome::Result::Failed(failed) => TaskEnd::Failed {
+            reason: &failed.failure_reason,
+            message: &failed.message,
+        },
+    };
+    end_task_span(span, end);
 }

@@ -16,6 +16,7 @@
 mod exporters;
 mod prometheus_http;
 pub mod propagation;
+pub mod task_span;
 
 use std::net::SocketAddr;
 use std::time::Duration;

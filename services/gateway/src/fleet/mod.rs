@@ -40,12 +40,13 @@ use std::time::{Duration, SystemTime};
 
 use opentelemetry::KeyValue;
 use opentelemetry::global::{BoxedSpan, BoxedTracer};
-use opentelemetry::trace::{Span as _, Status, Tracer as _};
+use opentelemetry::trace::{Span as _, Tracer as _};
 use ozfleet_proto::oz::{TaskAssignment as OzAssignment, WorkerMessage};
 use ozfleet_proto::v1::{
     self, AssignmentAccepted, AssignmentRefused, NodeHello, TaskOutcome, UpstreamSettings,
     attach_response,
 };
+use ozfleet_telemetry::task_span::{TaskEnd, end_task_span};
 use tokio::sync::{Notify, broadcast};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -520,27 +521,38 @@ impl FleetState {
     }
 
     fn cancel_by_operator(&mut self, task_id: &str) -> Result<TaskSnapshot, GatewayError> {
-        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+        if !self.request_cancel(task_id, true) {
             return Err(GatewayError::UnknownTask(task_id.to_owned()));
+        }
+        self.task_snapshot(task_id)
+            .ok_or_else(|| GatewayError::UnknownTask(task_id.to_owned()))
+    }
+
+    /// Marks a known task cancelled and tells its node; false when no such task is held.
+    fn request_cancel(&mut self, task_id: &str, by_operator: bool) -> bool {
+        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
+            return false;
         };
         task.cancel_requested = true;
-        task.cancelled_by_operator = true;
+        task.cancelled_by_operator |= by_operator;
         let node_id = task.node_id.clone();
         let execution_id = task.execution_id.clone();
+        let source = if by_operator { "operator" } else { "server" };
         info!(
             task_id,
             node_id = node_id.as_deref(),
-            "Cancellation requested by an operator"
+            source,
+            "Cancellation requested"
         );
         self.emit(FleetEvent::TaskCancelRequested {
             task_id: task_id.to_owned(),
-            by_operator: true,
+            by_operator,
         });
         self.span_event(
             task_id,
             "task.cancellation_requested",
             vec![
-                KeyValue::new("source", "operator"),
+                KeyValue::new("source", source),
                 KeyValue::new("task.id", task_id.to_owned()),
             ],
         );
@@ -548,8 +560,7 @@ impl FleetState {
         if let Some(node_id) = node_id {
             self.cancel_on(&node_id, task_id, &execution_id);
         }
-        self.task_snapshot(task_id)
-            .ok_or_else(|| GatewayError::UnknownTask(task_id.to_owned()))
+        true
     }
 
     fn emit(&self, event: FleetEvent) {
@@ -779,49 +790,25 @@ impl FleetState {
     }
 
     fn on_cancellation(&mut self, task_id: &str) {
-        let Some(task) = self.ledger.tasks.get_mut(task_id) else {
-            if self.ledger.remember_early_cancellation(task_id) {
-                warn!(
-                    task_id,
-                    "Cancellation for a task not known here; applying it if a node announces the task"
-                );
-                self.schedule(
-                    EARLY_CANCELLATION_TTL,
-                    Deadline::EarlyCancellationExpires {
-                        task_id: task_id.to_owned(),
-                    },
-                );
-            } else {
-                warn!(
-                    task_id,
-                    "Cancellation for an unknown task dropped: too many pending"
-                );
-            }
+        if self.request_cancel(task_id, false) {
             return;
-        };
-        task.cancel_requested = true;
-        let node_id = task.node_id.clone();
-        let execution_id = task.execution_id.clone();
-        info!(
-            task_id,
-            node_id = node_id.as_deref(),
-            "Cancellation requested by Oz"
-        );
-        self.emit(FleetEvent::TaskCancelRequested {
-            task_id: task_id.to_owned(),
-            by_operator: false,
-        });
-        self.span_event(
-            task_id,
-            "task.cancellation_requested",
-            vec![
-                KeyValue::new("source", "server"),
-                KeyValue::new("task.id", task_id.to_owned()),
-            ],
-        );
-        // A disconnected node gets it again from reconciliation when it returns.
-        if let Some(node_id) = node_id {
-            self.cancel_on(&node_id, task_id, &execution_id);
+        }
+        if self.ledger.remember_early_cancellation(task_id) {
+            warn!(
+                task_id,
+                "Cancellation for a task not known here; applying it if a node announces the task"
+            );
+            self.schedule(
+                EARLY_CANCELLATION_TTL,
+                Deadline::EarlyCancellationExpires {
+                    task_id: task_id.to_owned(),
+                },
+            );
+        } else {
+            warn!(
+                task_id,
+                "Cancellation for an unknown task dropped: too many pending"
+            );
         }
     }
 
@@ -1495,29 +1482,17 @@ fn oversized(assignment: &OzAssignment, raw_json: &[u8]) -> Option<String> {
 
 /// Ends a task's span with the reference's closing event and status for `message`.
 fn end_span(span: Option<BoxedSpan>, message: &WorkerMessage) {
-    let Some(mut span) = span else { return };
-    match message {
-        WorkerMessage::TaskFailed(failed) => {
-            span.add_event(
-                "task.failed",
-                vec![
-                    KeyValue::new("failure.phase", "backend"),
-                    KeyValue::new("failure.reason", failed.failure_reason.clone()),
-                    KeyValue::new("error.message", failed.message.clone()),
-                ],
-            );
-            span.set_status(Status::error(failed.failure_reason.clone()));
-        }
+    let end = match message {
+        WorkerMessage::TaskFailed(failed) => TaskEnd::Failed {
+            reason: &failed.failure_reason,
+            message: &failed.message,
+        },
         WorkerMessage::TaskCompleted(completed) if completed.task_state.is_some() => {
-            span.add_event("task.cancelled", vec![KeyValue::new("source", "user")]);
-            span.set_status(Status::Ok);
+            TaskEnd::Cancelled
         }
-        _ => {
-            span.add_event("task.completed", Vec::new());
-            span.set_status(Status::Ok);
-        }
-    }
-    span.end();
+        _ => TaskEnd::Completed,
+    };
+    end_task_span(span, end);
 }
 
 fn outcome_ack(task_id: &str, execution_id: &str) -> attach_response::Kind {
