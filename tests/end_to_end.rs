@@ -381,3 +381,34 @@ fn a_gateway_killed_with_runs_in_flight_restarts_and_no_run_is_lost_or_run_twice
         assert_eq!(executions, 1, "run {run} executed {executions} times");
     }
 }
+
+#[test]
+fn logs_can_be_json_lines_for_log_pipelines() {
+    let output = Command::new(common::ozfleet())
+        .args([
+            "gateway",
+            "--log-format",
+            "json",
+            "--worker-id",
+            "w",
+            "--web-socket-url",
+            "not a url",
+        ])
+        .env("WARP_API_KEY", "k")
+        .env("OZFLEET_JOIN_TOKEN", "j")
+        .output()
+        .expect("run the gateway");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    assert!(
+        logged.iter().any(|line| line["level"] == "ERROR"
+            && line["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("--web-socket-url"))),
+        "{stderr}"
+    );
+}

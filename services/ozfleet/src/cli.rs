@@ -19,6 +19,15 @@ use crate::commands;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Log lines as human-readable text (default) or one JSON object per line.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Subcommand)]
@@ -384,7 +393,8 @@ pub fn main() -> ExitCode {
         | Command::Health(_)
         | Command::Certs(_) => LogLevel::Error,
     };
-    let _log_guard = crate::runtime::init_logging(log_level.as_str());
+    let _log_guard =
+        crate::runtime::init_logging(log_level.as_str(), cli.log_format == LogFormat::Json);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

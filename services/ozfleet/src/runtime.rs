@@ -39,12 +39,13 @@ fn log_filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
     filter
 }
 
-/// Logs to stderr at `level`; `RUST_LOG`, when set, takes precedence. Lines are written
+/// Logs to stderr at `level` (`json`: one JSON object per line); `RUST_LOG`, when set,
+/// takes precedence. Lines are written
 /// by a dedicated thread, never by the task that logs (which may hold the fleet lock), so
 /// a slow terminal or disk does not stall dispatch. Keep the returned guard for the life
 /// of the process: dropping it flushes what is still queued.
 #[must_use = "dropping the guard stops logging; keep it until the process ends"]
-pub fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard {
+pub fn init_logging(level: &str, json: bool) -> tracing_appender::non_blocking::WorkerGuard {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = log_filter(rust_log.as_deref(), level);
     // Not lossy: when the queue (128k lines) is full, logging waits rather than drops.
@@ -52,12 +53,17 @@ pub fn init_logging(level: &str) -> tracing_appender::non_blocking::WorkerGuard 
         .lossy(false)
         .thread_name("ozfleet-log")
         .finish(std::io::stderr());
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false)
-        .init();
+        .with_target(false);
+    if json {
+        builder.json().init();
+    } else {
+        builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init();
+    }
     guard
 }
 
