@@ -374,3 +374,32 @@ fn an_unreachable_gateway_is_named_by_the_cli() {
         "{stderr}"
     );
 }
+
+#[test]
+fn a_node_agent_serves_health_that_follows_its_attachment() {
+    let mut stack = Stack::start();
+    let port = common::free_port();
+    let address = format!("127.0.0.1:{port}");
+    let _agent = stack.agent("agent-a", &["--health-listen", &address]);
+    let check = |service: &str| {
+        let output = Command::new(grpcurl())
+            .args(["-plaintext", "-d", &format!(r#"{{"service":"{service}"}}"#)])
+            .arg(&address)
+            .arg("grpc.health.v1.Health/Check")
+            .output()
+            .expect("run grpcurl");
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    wait_until(
+        Duration::from_secs(20),
+        "the attached agent to be ready",
+        || check("").contains("\"SERVING\""),
+    );
+    assert!(check("liveness").contains("\"SERVING\""));
+    // The gateway goes away: the agent is alive but not ready.
+    stack.gateway.kill();
+    wait_until(Duration::from_secs(20), "readiness to drop", || {
+        check("").contains("NOT_SERVING")
+    });
+    assert!(check("liveness").contains("\"SERVING\""));
+}

@@ -253,6 +253,8 @@ struct Node {
     tracer: Option<BoxedTracer>,
     /// Outcomes not yet acknowledged, on disk.
     outcomes: OutcomeStore,
+    /// Whether the node is attached to the gateway (for health probes).
+    attached: tokio::sync::watch::Sender<bool>,
 }
 
 /// Runs the node agent until `shutdown`, then cancels its tasks, waits for them
@@ -349,6 +351,7 @@ pub async fn run_observed(
         metrics: NodeMetrics::new(&telemetry.meter),
         tracer: telemetry.tracer,
         outcomes,
+        attached: telemetry.attached,
     });
     register_gauges(&telemetry.meter, &node);
     // Tasks an earlier run of this agent left behind are resumed before the first hello,
@@ -409,6 +412,7 @@ impl Node {
                     () = stop.cancelled() => Ok(()),
                 };
                 self.lock().link = None;
+                self.attached.send_replace(false);
                 if !stop.is_cancelled() {
                     self.metrics.reconnects.add(1, &[]);
                     match result {
@@ -470,12 +474,15 @@ impl Node {
         *connected_at = Some(Instant::now());
         while let Some(message) = inbound.next().await {
             match message?.kind {
-                Some(attach_response::Kind::Welcome(welcome)) => info!(
-                    node_id = self.node_id,
-                    epoch = welcome.epoch,
-                    worker_id = welcome.worker_id,
-                    "Attached to gateway"
-                ),
+                Some(attach_response::Kind::Welcome(welcome)) => {
+                    info!(
+                        node_id = self.node_id,
+                        epoch = welcome.epoch,
+                        worker_id = welcome.worker_id,
+                        "Attached to gateway"
+                    );
+                    self.attached.send_replace(true);
+                }
                 Some(attach_response::Kind::Assignment(assignment)) => {
                     self.on_assignment(assignment)
                 }

@@ -17,10 +17,12 @@ pub const SERVICE_NAME: &str = "ozfleet-agent";
 /// The node agents' instrumentation scope.
 pub const SCOPE: &str = "github.com/ozfleet/ozfleet/agent";
 
-/// The meter and tracer a node agent records with.
+/// What a node agent tells the world: metrics, traces, and whether it is attached to the
+/// gateway (subscribe to `attached` for health probes).
 pub struct NodeTelemetry {
     pub meter: Meter,
     pub tracer: Option<BoxedTracer>,
+    pub attached: tokio::sync::watch::Sender<bool>,
 }
 
 impl NodeTelemetry {
@@ -29,6 +31,7 @@ impl NodeTelemetry {
         Self {
             meter: opentelemetry::global::meter_provider().meter("ozfleet-agent-disabled"),
             tracer: None,
+            attached: tokio::sync::watch::Sender::new(false),
         }
     }
 }

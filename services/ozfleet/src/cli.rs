@@ -305,6 +305,10 @@ pub struct AgentArgs {
     pub idle_on_complete: Option<String>,
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log_level: LogLevel,
+    /// Serve gRPC health here: service "" is SERVING while the node is attached to the
+    /// gateway (readiness), "liveness" while the process runs.
+    #[arg(long)]
+    pub health_listen: Option<SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -7,6 +7,8 @@ use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::Path;
 use std::sync::Arc;
 
+use tokio::task::JoinSet;
+
 use anyhow::{Context, bail};
 use ozfleet_agent::NodeTelemetry;
 use ozfleet_agent::backend::{BackendContext, from_settings};
@@ -76,18 +78,80 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let observed = NodeTelemetry {
         meter: telemetry.meter(),
         tracer: telemetry.tracer(),
+        attached: tokio::sync::watch::Sender::new(false),
     };
+    let shutdown = shutdown_on_signal();
+    let mut health = JoinSet::new();
+    if let Some(address) = args.health_listen {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} (--health-listen)"))?;
+        health.spawn(serve_health(
+            listener,
+            observed.attached.subscribe(),
+            shutdown.clone(),
+        ));
+    }
     let result = ozfleet_agent::run_observed(
         node,
         backend,
         Arc::new(connector),
         observed,
-        shutdown_on_signal(),
+        shutdown.clone(),
     )
     .await;
+    shutdown.cancel();
+    while health.join_next().await.is_some() {}
     telemetry.shutdown().await;
     result?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// gRPC health for probes: "" follows the node's attachment to the gateway, "liveness" is
+/// SERVING while the process runs.
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    mut attached: tokio::sync::watch::Receiver<bool>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let (reporter, service) = tonic_health::server::health_reporter();
+    reporter
+        .set_service_status("liveness", tonic_health::ServingStatus::Serving)
+        .await;
+    let follow = async {
+        loop {
+            let status = if *attached.borrow_and_update() {
+                tonic_health::ServingStatus::Serving
+            } else {
+                tonic_health::ServingStatus::NotServing
+            };
+            reporter.set_service_status("", status).await;
+            if attached.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    // Reflection too, so grpcurl needs no proto files (v1alpha for grpcurl 1.8).
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let serve = tonic::transport::Server::builder()
+        .add_service(service)
+        .add_optional_service(reflection().build_v1().ok())
+        .add_optional_service(reflection().build_v1alpha().ok())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            stop.cancelled(),
+        );
+    tokio::select! {
+        () = follow => {}
+        served = serve => {
+            if let Err(error) = served {
+                tracing::warn!("The health endpoint stopped: {error}");
+            }
+        }
+    }
 }
 
 /// `--tls-ca`, `--tls-cert`/`--tls-key`, `--gateway-server-name`.
