@@ -34,8 +34,9 @@ use crate::runtime::shutdown_on_signal;
 const API_KEY: &str = "ozfleet-dev-key";
 const WORKER_ID: &str = "ozfleet-dev";
 const DEMO_TIMEOUT: Duration = Duration::from_secs(60);
-/// How long a cancelled run's pod may take to stop (deletion grace 5 s, kubelet sync).
-const K8S_POD_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a cancelled run's pod may take to stop: the deletion grace is 5 s, but the
+/// 1.20 kubelet can leave a pod deleted while it was starting for up to ~75 s.
+const K8S_POD_STOP_TIMEOUT: Duration = Duration::from_secs(120);
 
 struct Stack {
     control_plane: Part,
