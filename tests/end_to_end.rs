@@ -336,15 +336,25 @@ fn no_direct_task_process_outlives_a_killed_agent_and_the_run_is_reported_once()
     let _agent = stack.agent("agent-a", &[]);
     let item = stack.api.wait_for_state(&run, "FAILED", RUN_TIMEOUT);
     assert_eq!(item["failure_reason"], "unknown", "{item}");
-    let reports = stack
-        .gateway
-        .log()
-        .lines()
-        .filter(|line| {
-            line.contains(&run) && (line.contains("Task lost") || line.contains("Task finished"))
-        })
-        .count();
-    assert_eq!(reports, 1, "{}", stack.gateway.log());
+    let reports = || {
+        stack
+            .gateway
+            .log()
+            .lines()
+            .filter(|line| {
+                line.contains(&run)
+                    && (line.contains("Task lost") || line.contains("Task finished"))
+            })
+            .count()
+    };
+    // The gateway writes its log from a background thread: the line may trail the run's
+    // state by a moment.
+    common::wait_until(
+        Duration::from_secs(5),
+        "the gateway to log the run's end",
+        || reports() >= 1,
+    );
+    assert_eq!(reports(), 1, "{}", stack.gateway.log());
 }
 
 #[test]

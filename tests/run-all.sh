@@ -28,4 +28,15 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --locked
 echo "== dispatch benchmark, smoke run (seconds, no thresholds; the full run: BENCHMARKS.md)"
-cargo bench -p ozfleet --bench dispatch --locked -- --smoke
+# Built in the test profile: what it checks is that the benchmark runs, not its numbers,
+# and this reuses the test build instead of a second, optimised one.
+cargo test -p ozfleet --bench dispatch --locked -- --smoke
+
+echo "== Deploy: image, compose, systemd units, Helm chart (tests/deploy/)"
+# The binary cargo test just built goes into the image: Rust is compiled once. (A release
+# build gives the published image's size; see README "Install".)
+export OZFLEET_BINARY="${OZFLEET_BINARY:-$PWD/target/debug/ozfleet}"
+tests/deploy/image-test.sh
+tests/deploy/compose-test.sh
+tests/deploy/systemd-test.sh
+tests/deploy/helm-test.sh
