@@ -1241,3 +1241,105 @@ async fn a_node_that_leaves_an_offer_unanswered_gets_no_more_and_is_disconnected
         other => panic!("expected the stream to end, got {other:?}"),
     }
 }
+
+// ---- hostile input (fault-injection test 6 of the guarantees) --------------------------
+
+/// This process's resident memory, in bytes (Linux).
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn hostile_input_from_oz_and_from_nodes_loses_nothing_and_keeps_memory_bounded() {
+    let (mut oz, gateway, mut upstream) = start_connected().await;
+    let mut node = FakeNode::attach_id(&gateway, "node-a").await;
+    assign_and_claim(&mut upstream, &mut node, "run-warm", "exec-warm").await;
+    let before = resident_bytes();
+
+    for round in 0..3 {
+        // Deep nesting, duplicate assignments, unknown cancellations.
+        let nested = format!(
+            r#"{{"type":"task_assignment","data":{{"task_id":"deep-{round}","execution_id":"e","task":{{"id":"t"}},"x":{}{}}}}}"#,
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        upstream.send_text(&nested);
+        // Valid JSON within the limits, however odd: offered like any task. The node
+        // refuses it; with no other node it is rejected upstream.
+        let deep = node.expect_assignment().await;
+        assert_eq!(deep.task_id, format!("deep-{round}"));
+        node.refuse(&deep, "not today");
+        assert_eq!(
+            upstream.recv_text().await,
+            rejected_frame(&format!("deep-{round}"))
+        );
+        for task in 0..50 {
+            upstream.cancel(&format!("never-assigned-{round}-{task}"));
+        }
+        // An assignment over the node link's limit: failed upstream, never offered.
+        let huge_title = "t".repeat(ozfleet_gateway::fleet::MAX_ASSIGNMENT_BYTES);
+        upstream.send_text(&format!(
+            r#"{{"type":"task_assignment","data":{{"task_id":"huge-{round}","execution_id":"e","task":{{"id":"t","title":"{huge_title}"}}}}}}"#
+        ));
+        match upstream.recv().await {
+            WorkerMessage::TaskFailed(failed) => {
+                assert_eq!(failed.task_id, format!("huge-{round}"));
+                assert!(
+                    failed.message.contains("over the node link's limit"),
+                    "{}",
+                    failed.message
+                );
+            }
+            other => panic!("expected the oversized task to fail, got {other:?}"),
+        }
+        // A node reports outcomes for tasks it never got: fenced, acknowledged.
+        node.report(succeeded(&format!("forged-{round}"), "exec"));
+        assert_eq!(node.expect_ack().await.task_id, format!("forged-{round}"));
+    }
+    // A hello announcing 100,000 tasks is refused (over the 4 MiB message limit, or over the
+    // 10,000-task bound), without harm.
+    let mut flood = hello("node-flood");
+    flood.running_tasks = (0..100_000)
+        .map(|task| running(&format!("run-{task}"), "exec"))
+        .collect();
+    let refused = open_attach(
+        &gateway.node_url(),
+        Some(JOIN_TOKEN),
+        vec![hello_request(flood)],
+    )
+    .await
+    .map(|(_sender, mut responses)| async move { responses.message().await });
+    match refused {
+        Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
+        Ok(next) => assert!(next.await.is_err(), "the flood hello must be refused"),
+    }
+
+    // A frame over the WebSocket limit ends that connection; the gateway reconnects.
+    let oversized = "x".repeat(ozfleet_gateway::upstream::MAX_WEBSOCKET_MESSAGE_BYTES + 1);
+    upstream.send_text(&oversized);
+    let mut upstream = oz.next_connection().await;
+
+    // Real work still flows, and nothing the hostile input did shows up upstream.
+    assign_and_claim(&mut upstream, &mut node, "run-ok", "exec-ok").await;
+    node.report(succeeded("run-ok", "exec-ok"));
+    assert_eq!(upstream.recv().await, WorkerMessage::completed("run-ok"));
+    let grown = resident_bytes().saturating_sub(before);
+    assert!(
+        grown < 256 * 1024 * 1024,
+        "hostile input ratcheted memory up by {} MiB",
+        grown / (1024 * 1024)
+    );
+}
