@@ -480,7 +480,22 @@ async fn a_node_that_goes_silent_is_detected_and_its_tasks_reported_lost() {
         }
         other => panic!("expected the task to be reported lost, got {other:?}"),
     }
+    // The partition heals: the stale node's late report (the task did finish) is fenced,
+    // Oz heard about run-1 once.
+    frozen.store(false, std::sync::atomic::Ordering::SeqCst);
     drop(node);
+    let returning = NodeHello {
+        unacknowledged_outcomes: vec![succeeded("run-1", "exec-1")],
+        ..hello("node-a")
+    };
+    let mut node = FakeNode::attach_via(&relay_url, returning).await;
+    assert_eq!(
+        node.expect_ack().await.task_id,
+        "run-1",
+        "acknowledged, not relayed"
+    );
+    // Barrier: Oz's next message is the claim of a new task, not a second report of run-1.
+    assign_and_claim(&mut upstream, &mut node, "run-2", "exec-2").await;
 }
 
 // ---- proxy ---------------------------------------------------------------------------
