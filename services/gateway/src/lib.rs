@@ -74,6 +74,11 @@ pub enum GatewayError {
          one node identity: give each its own --state-dir (delete the copied node-id file)"
     )]
     DuplicateNode(String),
+    #[error(
+        "this gateway already knows {0} nodes, its limit (--max-nodes); raise the limit or \
+         run another gateway"
+    )]
+    TooManyNodes(usize),
     #[error("no node {0} is known to this gateway; list the nodes to see their ids")]
     UnknownNode(String),
     #[error(
@@ -97,6 +102,7 @@ impl From<GatewayError> for tonic::Status {
                 tonic::Status::invalid_argument(error.to_string())
             }
             GatewayError::DuplicateNode(_) => tonic::Status::already_exists(error.to_string()),
+            GatewayError::TooManyNodes(_) => tonic::Status::resource_exhausted(error.to_string()),
             GatewayError::UnknownNode(_) | GatewayError::UnknownTask(_) => {
                 tonic::Status::not_found(error.to_string())
             }
@@ -118,6 +124,8 @@ pub struct GatewayConfig {
     pub timings: FleetTimings,
     /// How nodes attach: mTLS or plain (loopback, or explicitly insecure).
     pub node_link: NodeLink,
+    /// Most nodes the gateway keeps (attached, or away within the grace); more are refused.
+    pub max_nodes: usize,
     /// Where the gateway journals what it hands out, so a restart neither loses nor
     /// repeats work (see [`fleet::journal`]). `None`: a restart forgets.
     pub state_dir: Option<std::path::PathBuf>,
@@ -145,6 +153,10 @@ impl NodeLink {
         Ok(())
     }
 }
+
+/// The default of [`GatewayConfig::max_nodes`]: far above a real fleet, far below what
+/// would exhaust memory (about 40 KB per attached node).
+pub const DEFAULT_MAX_NODES: usize = 50_000;
 
 /// The gateway's listeners, bound by the caller (tests bind `127.0.0.1:0`).
 pub struct GatewayListeners {
@@ -198,6 +210,7 @@ async fn build_fleet(
         journal,
         recovered,
     );
+    fleet.limit_nodes(config.max_nodes);
     Ok((fleet, Some(writer)))
 }
 

@@ -187,6 +187,10 @@ pub struct GatewayArgs {
     /// /var/lib/ozfleet/gateway). Without it a restart forgets.
     #[arg(long)]
     pub state_dir: Option<PathBuf>,
+    /// Most nodes the gateway keeps (attached, or away within the 60 s grace); more are
+    /// refused (RESOURCE_EXHAUSTED), so a flood of node identities cannot exhaust memory.
+    #[arg(long, default_value_t = ozfleet_gateway::DEFAULT_MAX_NODES)]
+    pub max_nodes: usize,
     /// Address of the admin API (grpcurl, `ozfleet status`), health and reflection. Off
     /// loopback it needs an admin token.
     #[arg(long, default_value = "127.0.0.1:7071")]

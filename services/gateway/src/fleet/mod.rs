@@ -167,6 +167,8 @@ struct FleetState {
     recovered: Recovered,
     /// Re-offers of recovered executions whose node has not reattached yet.
     held: HashMap<String, Held>,
+    /// Most nodes kept; a new node id beyond it is refused.
+    max_nodes: usize,
 }
 
 /// An assignment held until its execution's node is back (or the node-lost grace ends).
@@ -226,6 +228,7 @@ impl Fleet {
                 journal,
                 recovered,
                 held: HashMap::new(),
+                max_nodes: usize::MAX,
             }),
             deadline_scheduled: Notify::new(),
             events,
@@ -409,6 +412,12 @@ impl Fleet {
     pub fn task(&self, task_id: &str) -> Option<TaskSnapshot> {
         let state = self.lock();
         state.task_snapshot(task_id)
+    }
+
+    /// Refuses new node ids once `max_nodes` nodes are known (attached or within the
+    /// grace), so a flood of identities cannot exhaust memory.
+    pub fn limit_nodes(&self, max_nodes: usize) {
+        self.apply(|state| state.max_nodes = max_nodes);
     }
 
     /// No more journal entries (the gateway is stopping); its writer then ends.
@@ -1066,6 +1075,13 @@ impl FleetState {
                 node_id: Arc::from(hello.node_id.as_str()),
             });
             return Err(GatewayError::DuplicateNode(hello.node_id.clone()));
+        }
+        if self.registry.get(&hello.node_id).is_none() && self.registry.len() >= self.max_nodes {
+            warn!(
+                node_id = hello.node_id,
+                "Refusing a node: the node limit is reached"
+            );
+            return Err(GatewayError::TooManyNodes(self.max_nodes));
         }
         let (node_id, epoch, registered) = self.registry.register(hello, stream, SystemTime::now());
         let Some(node) = self.registry.get_mut(&node_id) else {

@@ -153,6 +153,10 @@ impl NodeRegistry {
         self.nodes.get_mut(node_id)
     }
 
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
     pub fn values(&self) -> impl Iterator<Item = &NodeRecord> {
         self.nodes.values()
     }

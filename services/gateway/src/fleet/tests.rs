@@ -1346,3 +1346,17 @@ async fn the_journal_decides_who_may_report_after_a_restart() {
             .any(|event| matches!(event, FleetEvent::OutcomeFenced { .. }))
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn new_node_ids_beyond_the_limit_are_refused_known_ones_still_reattach() {
+    let h = Harness::new();
+    h.fleet.limit_nodes(2);
+    let a = h.attach(hello("node-a"));
+    let _b = h.attach(hello("node-b"));
+    let (sender, _inbox) = tokio::sync::mpsc::channel(NODE_QUEUE);
+    let error = h.fleet.attach(&hello("node-c"), sender).unwrap_err();
+    assert!(matches!(error, GatewayError::TooManyNodes(2)), "{error}");
+    // A known node coming back is not a new identity.
+    h.fleet.detach("node-a", a.epoch);
+    h.attach(hello("node-a"));
+}

@@ -420,6 +420,7 @@ impl TestGateway {
             timings: options.timings,
             node_link: Default::default(),
             state_dir: options.state_dir.clone(),
+            max_nodes: ozfleet_gateway::DEFAULT_MAX_NODES,
         };
         let listeners = GatewayListeners {
             node: listener,

@@ -197,6 +197,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         // Loopback: plain, as before.
         node_link: Default::default(),
         state_dir: Some(workdir.join("gateway-state")),
+        max_nodes: ozfleet_gateway::DEFAULT_MAX_NODES,
     };
     let listeners = GatewayListeners {
         node: node_listener,

@@ -91,6 +91,7 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
         timings: FleetTimings::default(),
         node_link,
         state_dir: args.state_dir.clone(),
+        max_nodes: args.max_nodes,
     })
 }
 
