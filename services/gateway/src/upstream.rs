@@ -162,6 +162,10 @@ fn install_crypto_provider() {
     });
 }
 
+/// Messages waiting for Oz beyond which the gateway stops reading new frames from Oz until
+/// the outbox drains: an Oz that sends without reading cannot grow the gateway's memory.
+pub const MAX_OUTBOX_BEFORE_PAUSE: usize = 10_000;
+
 /// Largest WebSocket message and frame accepted from Oz: far above any real assignment
 /// (and above the node link's own limit, so an oversized one is failed upstream with a
 /// clear message), low enough that a hostile peer cannot make the gateway buffer more.
@@ -286,7 +290,9 @@ async fn serve(
         tokio::select! {
             // Reading is never abandoned mid-frame: `next` is cancel-safe, so a frame
             // that is half read stays buffered for the next iteration.
-            frame = socket.next() => {
+            // Back-pressure: while the outbox is this full (Oz is not reading), stop
+            // reading assignments that would only add to it.
+            frame = socket.next(), if outbox.len() < MAX_OUTBOX_BEFORE_PAUSE => {
                 read_deadline = tokio::time::Instant::now() + keepalive.read_timeout;
                 match frame {
                     None => return ConnectionEnd::Lost("server closed the stream".into()),

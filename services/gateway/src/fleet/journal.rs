@@ -127,6 +127,11 @@ impl Journal {
         Self { entries: None }
     }
 
+    /// Whether entries are kept (a state dir is in use).
+    pub fn is_enabled(&self) -> bool {
+        self.entries.is_some()
+    }
+
     pub fn given(&self, task_id: &str, execution_id: &str, node_id: &Arc<str>) {
         if writable(&[task_id, execution_id, node_id])
             && let Some(entries) = &self.entries

@@ -218,7 +218,13 @@ impl Fleet {
                 placement: PlacementIndex::default(),
                 deadlines: Deadlines::default(),
                 upstream_connected: false,
-                adopt_until: Instant::now() + timings.reattach_window,
+                // With a journal the gateway knows what it handed out and adopts nothing
+                // else; without one, it takes nodes at their word for a while after start.
+                adopt_until: if journal.is_enabled() {
+                    Instant::now()
+                } else {
+                    Instant::now() + timings.reattach_window
+                },
                 deadline_added: false,
                 outbox,
                 events: events.clone(),

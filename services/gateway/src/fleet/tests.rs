@@ -1360,3 +1360,25 @@ async fn new_node_ids_beyond_the_limit_are_refused_known_ones_still_reattach() {
     h.fleet.detach("node-a", a.epoch);
     h.attach(hello("node-a"));
 }
+
+#[tokio::test(start_paused = true)]
+async fn with_a_journal_a_node_cannot_have_unknown_tasks_adopted_even_right_after_start() {
+    let state = tempfile::tempdir().unwrap();
+    let (journal, _writer, recovered) = journal::Journal::open(state.path()).unwrap();
+    let mut h = Harness::new();
+    h.fleet = Fleet::with_journal(
+        h.outbox.clone(),
+        UpstreamSettings {
+            worker_id: WORKER_ID.into(),
+            ..Default::default()
+        },
+        timings(),
+        journal,
+        recovered,
+    );
+    let mut claims = hello("node-a");
+    claims.running_tasks.push(running("never-given", "exec"));
+    let mut node = h.attach(claims);
+    assert_eq!(node.messages(), vec![cancellation("never-given", "exec")]);
+    assert!(h.fleet.snapshot().tasks.is_empty());
+}
