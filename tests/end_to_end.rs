@@ -422,3 +422,29 @@ fn logs_can_be_json_lines_for_log_pipelines() {
         "{stderr}"
     );
 }
+
+#[test]
+fn runs_completing_while_the_control_plane_restarts_are_each_reported_once() {
+    let mut stack = Stack::start();
+    let _agent = stack.agent("agent-a", &[]);
+    let runs: Vec<String> = (0..10)
+        .map(|i| stack.api.create(&format!("Sleep 2 seconds, run {i}")))
+        .collect();
+    common::wait_until(RUN_TIMEOUT, "the runs to be in progress", || {
+        runs.iter()
+            .all(|run| stack.api.get(run)["state"] == "INPROGRESS")
+    });
+    // The runs finish while Oz is away: their outcomes wait in the gateway's outbox.
+    stack.restart_control_plane();
+    for run in &runs {
+        stack.api.wait_for_state(run, "SUCCEEDED", RUN_TIMEOUT);
+    }
+    let log = stack.gateway.log();
+    for run in &runs {
+        let relayed = log
+            .lines()
+            .filter(|line| line.contains(run.as_str()) && line.contains("Task finished"))
+            .count();
+        assert_eq!(relayed, 1, "run {run} relayed {relayed} times");
+    }
+}

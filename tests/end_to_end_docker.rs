@@ -284,3 +284,35 @@ fn kept_containers_of_reported_tasks_are_not_reported_again_after_a_restart() {
         }
     }
 }
+
+#[test]
+fn a_gateway_killed_with_container_runs_in_flight_restarts_and_none_is_lost_or_run_twice() {
+    let mut stack = docker_stack();
+    let agent = docker_agent(&stack, "docker-g", &[]);
+    let runs: Vec<String> = (0..8)
+        .map(|i| {
+            stack
+                .api
+                .create(&format!("Sleep 4 seconds, then finish, run {i}"))
+        })
+        .collect();
+    common::wait_until(RUN_TIMEOUT, "some runs to be in progress", || {
+        runs.iter()
+            .filter(|run| stack.api.get(run)["state"] == "INPROGRESS")
+            .count()
+            >= 3
+    });
+    stack.crash_and_restart_gateway();
+    for run in &runs {
+        stack.api.wait_for_state(run, "SUCCEEDED", RUN_TIMEOUT);
+    }
+    // Each run started exactly once on the agent (a re-offer is claimed where it runs).
+    let log = agent.log();
+    for run in &runs {
+        let started = log
+            .lines()
+            .filter(|line| line.contains("Task accepted") && line.contains(run.as_str()))
+            .count();
+        assert_eq!(started, 1, "run {run} started {started} times");
+    }
+}
