@@ -23,6 +23,7 @@
 #[path = "../tests/docker_support/mod.rs"]
 mod docker_support;
 
+mod comparison;
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -115,27 +116,11 @@ async fn main() {
         );
     }
 
-    let (ours_median, ours_p90) = (percentile(&ours_times, 50), percentile(&ours_times, 90));
-    let (cli_median, cli_p90) = (percentile(&cli_times, 50), percentile(&cli_times, 90));
     println!(
         "docker_start: execute() → container running vs `{cli} run -d` (client {cli_version}), network mode {}, {iterations} runs each after 1 warm-up",
         network.as_deref().unwrap_or("default")
     );
-    println!(
-        "  ours: median {:>7.1} ms  p90 {:>7.1} ms",
-        ms(ours_median),
-        ms(ours_p90)
-    );
-    println!(
-        "  cli:  median {:>7.1} ms  p90 {:>7.1} ms",
-        ms(cli_median),
-        ms(cli_p90)
-    );
-    println!(
-        "  ratio ours/cli: median {:.2}  p90 {:.2}  (target ≤ 1.0)",
-        ours_median.as_secs_f64() / cli_median.as_secs_f64(),
-        ours_p90.as_secs_f64() / cli_p90.as_secs_f64()
-    );
+    comparison::report(&ours_times, &cli_times);
 }
 
 /// One `execute()` until its container runs; then cancels it (which stops and removes it).
@@ -272,16 +257,4 @@ async fn sidecar_volume(docker: &Docker) -> String {
         .await
         .unwrap_or_else(|error| panic!("sidecar volume {volume} is not cached: {error}"));
     volume
-}
-
-/// Nearest-rank percentile.
-fn percentile(samples: &[Duration], percent: usize) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let rank = (percent * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }

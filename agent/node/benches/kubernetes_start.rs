@@ -27,6 +27,7 @@
 #[path = "../tests/kubernetes_support/mod.rs"]
 mod kubernetes_support;
 
+mod comparison;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -103,8 +104,6 @@ async fn main() {
         cli_times.push(cli_run(&kubectl, &kubeconfig, &template, &admin, dir.path()).await);
     }
 
-    let (ours_median, ours_p90) = (percentile(&ours_times, 50), percentile(&ours_times, 90));
-    let (cli_median, cli_p90) = (percentile(&cli_times, 50), percentile(&cli_times, 90));
     let server = admin
         .apiserver_version()
         .await
@@ -113,21 +112,7 @@ async fn main() {
     println!(
         "kubernetes_start: execute() → task pod Running vs `{kubectl} create -f` (client {kubectl_version}, server {server}), {iterations} runs each after 1 warm-up"
     );
-    println!(
-        "  ours: median {:>7.1} ms  p90 {:>7.1} ms",
-        ms(ours_median),
-        ms(ours_p90)
-    );
-    println!(
-        "  cli:  median {:>7.1} ms  p90 {:>7.1} ms",
-        ms(cli_median),
-        ms(cli_p90)
-    );
-    println!(
-        "  ratio ours/cli: median {:.2}  p90 {:.2}  (target ≤ 1.0)",
-        ours_median.as_secs_f64() / cli_median.as_secs_f64(),
-        ours_p90.as_secs_f64() / cli_p90.as_secs_f64()
-    );
+    comparison::report(&ours_times, &cli_times);
 }
 
 type PodWatch = Pin<Box<dyn Stream<Item = kube::Result<WatchEvent<Pod>>> + Send>>;
@@ -269,16 +254,4 @@ async fn cli_run(
     jobs.delete(&name, &params).await.expect("delete the Job");
     until_gone(admin, &hash).await;
     elapsed
-}
-
-/// Nearest-rank percentile.
-fn percentile(samples: &[Duration], percent: usize) -> Duration {
-    let mut sorted = samples.to_vec();
-    sorted.sort();
-    let rank = (percent * sorted.len()).div_ceil(100).max(1);
-    sorted[rank - 1]
-}
-
-fn ms(duration: Duration) -> f64 {
-    duration.as_secs_f64() * 1000.0
 }
