@@ -44,7 +44,7 @@ unsafe impl GlobalAlloc for Counting {
 #[global_allocator]
 static ALLOCATOR: Counting = Counting;
 
-type NodeInbox = tokio::sync::mpsc::Receiver<Result<v1::AttachResponse, tonic::Status>>;
+type NodeInbox = tokio::sync::mpsc::Receiver<ozfleet_gateway::fleet::Outgoing>;
 
 struct Bench {
     fleet: Arc<Fleet>,

@@ -203,6 +203,8 @@ async fn build_fleet(
                     "cannot use the state dir {shown} (--state-dir): {error}"
                 ))
             })?;
+    // Write-ahead: Oz hears of a claim or an outcome only once its journal entry is on disk.
+    outbox.write_ahead_of(journal.durability());
     let fleet = Fleet::with_journal(
         outbox.clone(),
         config.settings.clone(),
@@ -379,8 +381,12 @@ async fn serve(
     if let Some(journal) = journal {
         background.spawn_blocking(move || {
             if let Err(error) = journal.run() {
-                // The fleet goes on; only the restart protection is lost.
-                error!("Cannot write the journal in the state dir: {error}");
+                // The fleet goes on (messages to Oz are no longer held for the journal);
+                // only the restart protection is lost.
+                error!(
+                    "Cannot write the journal in the state dir: {error}; until this gateway is \
+                     restarted with a writable --state-dir, a restart forgets which node runs what"
+                );
             }
         });
     }

@@ -148,7 +148,8 @@ fn check_identity(identity: &CertificateIdentity, node_id: &str) -> Result<(), G
     ))))
 }
 
-type AttachStream = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
+/// The messages to one node, as the gRPC stream sends them.
+pub type AttachStream = Pin<Box<dyn Stream<Item = Result<AttachResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl NodeService for NodeApi {
@@ -185,7 +186,7 @@ impl NodeService for NodeApi {
                 warn!(peer = ?peer, "Refused an attach: {}", status.message());
             }
         })?;
-        Ok(Response::new(Box::pin(responses)))
+        Ok(Response::new(responses))
     }
 }
 
@@ -197,7 +198,7 @@ pub async fn open_attach<S>(
     streams: &TaskTracker,
     stop: CancellationToken,
     inbound: S,
-) -> Result<ReceiverStream<Result<AttachResponse, Status>>, GatewayError>
+) -> Result<AttachStream, GatewayError>
 where
     S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
 {
@@ -213,7 +214,7 @@ pub async fn open_attach_as<S>(
     stop: CancellationToken,
     mut inbound: S,
     identity: Option<&CertificateIdentity>,
-) -> Result<ReceiverStream<Result<AttachResponse, Status>>, GatewayError>
+) -> Result<AttachStream, GatewayError>
 where
     S: Stream<Item = Result<AttachRequest, Status>> + Unpin + Send + 'static,
 {
@@ -262,7 +263,19 @@ where
             }
         }
     });
-    Ok(ReceiverStream::new(receiver))
+    // Write-ahead: a message leaves once the journal entries made before it are on disk.
+    let durability = fleet.journal_durability();
+    Ok(Box::pin(ReceiverStream::new(receiver).then(
+        move |outgoing: crate::fleet::Outgoing| {
+            let durability = durability.clone();
+            async move {
+                if let Some(durability) = durability {
+                    durability.wait_for(outgoing.journal_mark).await;
+                }
+                Ok(outgoing.response)
+            }
+        },
+    )))
 }
 
 /// One node's attach stream, as the fleet knows it.

@@ -1,22 +1,30 @@
 //! The single queue of messages to Oz. It outlives connections: a message leaves the
 //! queue only after it was written to a socket, so one whose write failed is sent again
-//! after the next reconnect instead of being lost (the reference drops it).
+//! after the next reconnect instead of being lost (the reference drops it). With a
+//! journal, a message is not handed out before the journal entries made ahead of it are
+//! on disk (write-ahead; see [`crate::fleet::journal`]).
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use ozfleet_proto::oz::WorkerMessage;
 use tokio::sync::Notify;
+
+use crate::fleet::journal::Durability;
 
 #[derive(Default)]
 pub struct Outbox {
     queue: Mutex<VecDeque<Queued>>,
     ready: Notify,
+    /// Set when the gateway journals (a state dir).
+    journal: OnceLock<Durability>,
 }
 
 #[derive(Debug, Clone)]
 pub struct Queued {
     sequence: u64,
+    /// Journal entries that must be on disk before this message may be sent.
+    journal_mark: u64,
     pub message: WorkerMessage,
     /// The node outcome this message relays; it is acknowledged to the node once the
     /// message has been written upstream.
@@ -32,6 +40,11 @@ pub struct Receipt {
 }
 
 impl Outbox {
+    /// From now on, each message waits for the journal entries made before it.
+    pub fn write_ahead_of(&self, journal: Durability) {
+        let _ = self.journal.set(journal);
+    }
+
     pub fn push(&self, message: WorkerMessage) {
         self.push_with_receipt(message, None);
     }
@@ -41,6 +54,7 @@ impl Outbox {
         let sequence = queue.back().map_or(0, |last| last.sequence + 1);
         queue.push_back(Queued {
             sequence,
+            journal_mark: self.journal.get().map_or(0, Durability::mark),
             message,
             receipt,
         });
@@ -51,28 +65,37 @@ impl Outbox {
     /// Waits for the oldest unsent message and returns a copy; it stays queued until
     /// [`Outbox::mark_sent`]. Cancel-safe.
     pub async fn front(&self) -> Queued {
-        loop {
-            let notified = self.ready.notified();
-            if let Some(front) = self.queue.lock().expect("outbox lock poisoned").front() {
-                return front.clone();
-            }
-            notified.await;
-        }
+        let mut batch = self.front_batch(1).await;
+        batch.swap_remove(0)
     }
 
-    /// Waits for at least one unsent message and returns copies of the oldest ones, up
-    /// to `max`, in order; they stay queued until each is [`Outbox::mark_sent`].
-    /// Cancel-safe.
+    /// Waits for at least one unsent message that may be sent (its journal entries on
+    /// disk) and returns copies of the oldest ones, up to `max`, in order; they stay
+    /// queued until each is [`Outbox::mark_sent`]. Never empty. Cancel-safe.
     pub async fn front_batch(&self, max: usize) -> Vec<Queued> {
         loop {
             let notified = self.ready.notified();
-            {
+            let durable_through = self
+                .journal
+                .get()
+                .map_or(u64::MAX, Durability::durable_through);
+            let waiting_for = {
                 let queue = self.queue.lock().expect("outbox lock poisoned");
-                if !queue.is_empty() {
-                    return queue.iter().take(max.max(1)).cloned().collect();
+                let ready: Vec<Queued> = queue
+                    .iter()
+                    .take(max.max(1))
+                    .take_while(|queued| queued.journal_mark <= durable_through)
+                    .cloned()
+                    .collect();
+                if !ready.is_empty() {
+                    return ready;
                 }
+                queue.front().map(|front| front.journal_mark)
+            };
+            match (waiting_for, self.journal.get()) {
+                (Some(mark), Some(journal)) => journal.wait_for(mark).await,
+                _ => notified.await,
             }
-            notified.await;
         }
     }
 
@@ -139,6 +162,38 @@ mod tests {
         }
         assert_eq!(outbox.len(), 1);
         assert_eq!(outbox.front_batch(8).await[0].message.task_id(), "t3");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_waits_for_the_journal_entries_made_before_it() {
+        use std::sync::atomic::Ordering;
+        use std::time::Duration;
+        let outbox = Outbox::default();
+        // Before the journal: nothing to wait for.
+        outbox.push(WorkerMessage::rejected_at_capacity("t0"));
+        let (journal, queued, durable) = Durability::for_test();
+        outbox.write_ahead_of(journal);
+        queued.store(2, Ordering::SeqCst);
+        outbox.push(WorkerMessage::claimed("t1", "w"));
+        let batch = outbox.front_batch(8).await;
+        assert_eq!(batch.len(), 1, "only the message from before the journal");
+        outbox.mark_sent(&batch[0]);
+        let held = tokio::time::timeout(Duration::from_secs(60), outbox.front()).await;
+        assert!(held.is_err(), "sent before its journal entries were on disk");
+        durable.send_replace(1);
+        let held = tokio::time::timeout(Duration::from_secs(60), outbox.front()).await;
+        assert!(held.is_err(), "sent with one of its two journal entries on disk");
+        durable.send_replace(2);
+        let claim = outbox.front().await;
+        assert_eq!(claim.message, WorkerMessage::claimed("t1", "w"));
+        outbox.mark_sent(&claim);
+        // A writer that stopped (disk error, logged) holds nothing back.
+        queued.store(3, Ordering::SeqCst);
+        outbox.push(WorkerMessage::completed("t1"));
+        let held = tokio::time::timeout(Duration::from_secs(60), outbox.front()).await;
+        assert!(held.is_err());
+        drop(durable);
+        assert_eq!(outbox.front().await.message, WorkerMessage::completed("t1"));
     }
 
     #[tokio::test]

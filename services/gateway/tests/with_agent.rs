@@ -188,3 +188,107 @@ async fn a_panicking_backend_yields_one_unknown_failure_upstream_and_frees_the_s
     stop.cancel();
     agent.join_next().await.unwrap().unwrap().unwrap();
 }
+
+#[tokio::test]
+async fn with_a_journal_nothing_leaves_the_gateway_before_its_entry_is_on_disk() {
+    // The journal's writer is not running yet: nothing reaches the disk.
+    let journal_dir = tempfile::tempdir().unwrap();
+    let (journal, writer, recovered) =
+        ozfleet_gateway::fleet::journal::Journal::open(journal_dir.path()).unwrap();
+    let outbox = Arc::new(Outbox::default());
+    outbox.write_ahead_of(journal.durability());
+    let settings = UpstreamSettings {
+        worker_id: WORKER_ID.into(),
+        ..Default::default()
+    };
+    let fleet = Fleet::with_journal(
+        outbox.clone(),
+        settings,
+        FleetTimings::default(),
+        journal,
+        recovered,
+    );
+    let mut events = fleet.subscribe();
+    let stop = CancellationToken::new();
+    let streams = TaskTracker::new();
+    let state = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        state_dir: state.path().to_path_buf(),
+        node_name: "node-a".into(),
+        labels: BTreeMap::new(),
+        max_concurrent_tasks: 1,
+        idle_on_complete: None,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let backend = Arc::new(PanickyBackend {
+        panic_on: Mutex::new(Vec::new()),
+    });
+    let connector = Arc::new(InProcess {
+        fleet: fleet.clone(),
+        streams: streams.clone(),
+        stop: stop.clone(),
+    });
+    let mut running = JoinSet::new();
+    let agent_stop = stop.clone();
+    running.spawn(async move {
+        ozfleet_agent::run(config, backend, connector, agent_stop).await?;
+        anyhow::Ok(())
+    });
+    // The welcome needs no journal entry: the node attaches.
+    wait_for(&mut events, |event| {
+        matches!(event, FleetEvent::NodeAttached { .. })
+    })
+    .await;
+
+    assign(&fleet, "run-1");
+    wait_for(
+        &mut events,
+        |event| matches!(event, FleetEvent::TaskOffered { task_id, .. } if task_id == "run-1"),
+    )
+    .await;
+    // Offered in the fleet, but held: the node does not get it (no answer comes back) and
+    // Oz hears nothing while the entry that gives run-1 to node-a is not on disk.
+    let answered = tokio::time::timeout(Duration::from_millis(500), async {
+        wait_for(&mut events, |event| {
+            matches!(event, FleetEvent::TaskClaimed { .. } | FleetEvent::TaskRefused { .. })
+        })
+        .await
+    })
+    .await;
+    assert!(answered.is_err(), "the node answered an offer held for the journal: {answered:?}");
+    assert!(upstream(&outbox, &fleet).is_empty());
+
+    // The writer runs: the offer leaves, the node runs the task, Oz hears claim and outcome.
+    running.spawn_blocking(move || writer.run().map_err(anyhow::Error::from));
+    wait_for(
+        &mut events,
+        |event| matches!(event, FleetEvent::TaskFinished { task_id, .. } if task_id == "run-1"),
+    )
+    .await;
+    let sent = tokio::time::timeout(WAIT, async {
+        let mut sent = Vec::new();
+        while sent.len() < 2 {
+            let queued = outbox.front().await;
+            outbox.mark_sent(&queued);
+            fleet.relayed(&queued);
+            sent.push(queued.message);
+        }
+        sent
+    })
+    .await
+    .expect("claim and outcome sent once on disk");
+    assert_eq!(
+        sent,
+        vec![
+            WorkerMessage::claimed("run-1", WORKER_ID),
+            WorkerMessage::completed("run-1")
+        ]
+    );
+
+    // Shut down: the agent stops, the journal closes, its writer ends.
+    stop.cancel();
+    fleet.close_journal();
+    while let Some(joined) = running.join_next().await {
+        joined.unwrap().unwrap();
+    }
+}

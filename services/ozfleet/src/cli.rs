@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ozfleet_proto::oz::{DEFAULT_SERVER_ROOT_URL, DEFAULT_WEB_SOCKET_URL};
@@ -191,6 +192,18 @@ pub struct GatewayArgs {
     /// refused (RESOURCE_EXHAUSTED), so a flood of node identities cannot exhaust memory.
     #[arg(long, default_value_t = ozfleet_gateway::DEFAULT_MAX_NODES)]
     pub max_nodes: usize,
+    /// How long a node has to answer an offer before the task is offered elsewhere (a
+    /// node that usually answers quickly gets less: 50× its usual answer time, at least 2 s).
+    #[arg(long, value_name = "DURATION", default_value = "10s", value_parser = positive_duration)]
+    pub offer_timeout: Duration,
+    /// How long a node may stay away (disconnected, or silent past --node-keepalive)
+    /// before the tasks it runs are reported failed to Oz. A node back in time keeps them.
+    #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = positive_duration)]
+    pub node_lost_timeout: Duration,
+    /// HTTP/2 ping interval on node connections; a node that leaves a ping unanswered as
+    /// long again is taken as gone (a host that lost power, a firewall dropping the flow).
+    #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = positive_duration)]
+    pub node_keepalive: Duration,
     /// Address of the admin API (grpcurl, `ozfleet status`), health and reflection. Off
     /// loopback it needs an admin token.
     #[arg(long, default_value = "127.0.0.1:7071")]
@@ -444,5 +457,14 @@ pub fn main() -> ExitCode {
             eprintln!("ozfleet: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A duration such as `90s`, `500ms` or `2m`; zero is refused.
+fn positive_duration(value: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(value) {
+        Ok(duration) if duration.is_zero() => Err("must be longer than zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(format!("{error} (examples: 90s, 500ms, 2m)")),
     }
 }

@@ -1,17 +1,22 @@
 //! The gateway's journal of what it handed out: which node was given which execution, and
 //! when the gateway was done with it. Written in the background (appended, fsync'd in
-//! batches, a few milliseconds behind the fleet), read once at start: a restarted gateway
-//! then knows which executions its nodes may still run, trusts a node's word about exactly
-//! those, and holds Oz's re-offers of them until their node is back instead of starting
-//! them a second time elsewhere.
+//! batches), read once at start: a restarted gateway then knows which executions its
+//! nodes may still run, trusts a node's word about exactly those, and holds Oz's re-offers
+//! of them until their node is back instead of starting them a second time elsewhere.
+//!
+//! Write-ahead: the outbox holds every message to Oz until each journal entry made before
+//! it is on disk ([`Durability`]), so Oz never hears of a claim or an outcome that a
+//! crash right after could make the gateway forget. The fleet itself never waits for the
+//! disk; the journal's queue is bounded by the outbox's, which stops reading Oz when full.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io::{self, Write as _};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 const FILE_NAME: &str = "ledger.journal";
 
@@ -56,12 +61,64 @@ fn writable(ids: &[&str]) -> bool {
 /// The fleet's side: queues entries, never blocks.
 pub struct Journal {
     entries: Option<mpsc::UnboundedSender<Entry>>,
+    /// Entries queued so far (the writer counts the same entries in the same order).
+    queued: Arc<AtomicU64>,
+    durable: watch::Receiver<u64>,
 }
 
 /// The writer's side: appends what is queued until the journal is closed.
 pub struct JournalWriter {
     path: PathBuf,
     entries: mpsc::UnboundedReceiver<Entry>,
+    /// Entries on disk so far.
+    durable: watch::Sender<u64>,
+}
+
+/// How far the journal is on disk, for holding messages until what led to them is.
+#[derive(Clone)]
+pub struct Durability {
+    queued: Arc<AtomicU64>,
+    durable: watch::Receiver<u64>,
+}
+
+impl Durability {
+    /// The mark of a message created now: every entry queued so far must be on disk
+    /// before it is sent.
+    pub fn mark(&self) -> u64 {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// Entries known to be on disk; everything once the writer has stopped (closed at
+    /// shutdown, or failed on a disk error, which it logged: nothing more would ever be
+    /// written, and holding Oz's messages forever would lose them instead).
+    pub fn durable_through(&self) -> u64 {
+        match self.durable.has_changed() {
+            Err(_) => u64::MAX,
+            Ok(_) => *self.durable.borrow(),
+        }
+    }
+
+    /// Waits until entries up to `mark` are on disk (or the writer stopped).
+    pub async fn wait_for(&self, mark: u64) {
+        let mut durable = self.durable.clone();
+        // An error means the writer stopped; see `durable_through`.
+        let _ = durable.wait_for(|durable| *durable >= mark).await;
+    }
+
+    /// A durability to drive by hand: entries queued, entries on disk.
+    #[cfg(test)]
+    pub(crate) fn for_test() -> (Self, Arc<AtomicU64>, watch::Sender<u64>) {
+        let (sender, durable) = watch::channel(0);
+        let queued = Arc::new(AtomicU64::new(0));
+        (
+            Self {
+                queued: queued.clone(),
+                durable,
+            },
+            queued,
+            sender,
+        )
+    }
 }
 
 impl Journal {
@@ -110,13 +167,17 @@ impl Journal {
         compacted.persist(&path).map_err(|error| error.error)?;
         fs::File::open(state_dir)?.sync_all()?;
         let (sender, receiver) = mpsc::unbounded_channel();
+        let (durable_sender, durable) = watch::channel(0);
         Ok((
             Self {
                 entries: Some(sender),
+                queued: Arc::new(AtomicU64::new(0)),
+                durable,
             },
             JournalWriter {
                 path,
                 entries: receiver,
+                durable: durable_sender,
             },
             open,
         ))
@@ -124,7 +185,33 @@ impl Journal {
 
     /// A journal that records nothing (no state dir).
     pub fn disabled() -> Self {
-        Self { entries: None }
+        let (_, durable) = watch::channel(0);
+        Self {
+            entries: None,
+            queued: Arc::new(AtomicU64::new(0)),
+            durable,
+        }
+    }
+
+    /// The mark of a message created now (see [`Durability::mark`]).
+    pub fn mark(&self) -> u64 {
+        self.queued.load(Ordering::SeqCst)
+    }
+
+    /// How far this journal is on disk (see [`Durability`]).
+    pub fn durability(&self) -> Durability {
+        Durability {
+            queued: self.queued.clone(),
+            durable: self.durable.clone(),
+        }
+    }
+
+    fn queue(&self, entry: Entry) {
+        if let Some(entries) = &self.entries
+            && entries.send(entry).is_ok()
+        {
+            self.queued.fetch_add(1, Ordering::SeqCst);
+        }
     }
 
     /// Whether entries are kept (a state dir is in use).
@@ -133,10 +220,8 @@ impl Journal {
     }
 
     pub fn given(&self, task_id: &str, execution_id: &str, node_id: &Arc<str>) {
-        if writable(&[task_id, execution_id, node_id])
-            && let Some(entries) = &self.entries
-        {
-            let _ = entries.send(Entry::Given {
+        if writable(&[task_id, execution_id, node_id]) && self.is_enabled() {
+            self.queue(Entry::Given {
                 task_id: task_id.to_owned(),
                 execution_id: execution_id.to_owned(),
                 node_id: node_id.clone(),
@@ -145,10 +230,8 @@ impl Journal {
     }
 
     pub fn settled(&self, task_id: &str, execution_id: &str) {
-        if writable(&[task_id, execution_id])
-            && let Some(entries) = &self.entries
-        {
-            let _ = entries.send(Entry::Settled {
+        if writable(&[task_id, execution_id]) && self.is_enabled() {
+            self.queue(Entry::Settled {
                 task_id: task_id.to_owned(),
                 execution_id: execution_id.to_owned(),
             });
@@ -162,20 +245,26 @@ impl Journal {
 }
 
 impl JournalWriter {
-    /// Appends entries as they come, one fsync per batch, until the journal is closed.
+    /// Appends entries as they come, one fsync per batch (what queued up during the last
+    /// one), and publishes how many are on disk, until the journal is closed.
     /// Blocking: run it on the blocking pool.
     pub fn run(mut self) -> io::Result<()> {
         let mut file = fs::OpenOptions::new()
             .append(true)
             .create(true)
             .open(&self.path)?;
+        let mut written = 0;
         while let Some(first) = self.entries.blocking_recv() {
             let mut batch = first.line();
+            let mut entries = 1;
             while let Ok(next) = self.entries.try_recv() {
                 batch.push_str(&next.line());
+                entries += 1;
             }
             file.write_all(batch.as_bytes())?;
             file.sync_data()?;
+            written += entries;
+            self.durable.send_replace(written);
         }
         Ok(())
     }
@@ -199,8 +288,16 @@ mod tests {
         journal.given("run-3", "exec-3", &node_a);
         journal.settled("run-3", "exec-3");
         journal.given("bad\tid", "exec", &node_a);
+        let durability = journal.durability();
+        // Five entries queued (the one with a tab is not journaled), none on disk yet.
+        assert_eq!(durability.mark(), 5);
+        assert_eq!(durability.durable_through(), 0);
+        let mut watching = durability.durable.clone();
         journal.close();
         writer.run().unwrap();
+        assert_eq!(*watching.borrow_and_update(), 5, "all five on disk");
+        // The writer has stopped: nothing is held for it any more.
+        assert_eq!(durability.durable_through(), u64::MAX);
         // A crash mid-line leaves a torn last line.
         fs::OpenOptions::new()
             .append(true)

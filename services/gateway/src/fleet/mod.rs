@@ -63,7 +63,7 @@ use journal::{Journal, Recovered};
 use ledger::{Phase, Task, TaskLedger};
 use placement::PlacementIndex;
 use registry::Sent;
-pub use registry::{NODE_QUEUE, NodeSender};
+pub use registry::{NODE_QUEUE, NodeSender, Outgoing};
 use registry::{NodeRegistry, Registered};
 
 /// The shortest offer timeout a fast-answering node gets (see [`offer_timeout_for`]).
@@ -426,6 +426,16 @@ impl Fleet {
         self.apply(|state| state.max_nodes = max_nodes);
     }
 
+    /// How far the journal is on disk, when the fleet journals (a state dir): what leaves
+    /// for a node or for Oz waits for the entries made before it.
+    pub fn journal_durability(&self) -> Option<journal::Durability> {
+        let state = self.lock();
+        state
+            .journal
+            .is_enabled()
+            .then(|| state.journal.durability())
+    }
+
     /// No more journal entries (the gateway is stopping); its writer then ends.
     pub fn close_journal(&self) {
         self.apply(|state| state.journal.close());
@@ -616,7 +626,7 @@ impl FleetState {
         let Some(node) = self.registry.get(node_id) else {
             return;
         };
-        if node.send(message) == Sent::Overflowed {
+        if node.send(message, self.journal.mark()) == Sent::Overflowed {
             let epoch = node.epoch;
             warn!(
                 node_id,
@@ -1095,12 +1105,15 @@ impl FleetState {
                 "node {node_id} vanished while attaching"
             )));
         };
-        // A fresh queue: the welcome always fits.
-        node.send(attach_response::Kind::Welcome(v1::Welcome {
-            epoch,
-            worker_id: self.settings.worker_id.clone(),
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-        }));
+        // A fresh queue: the welcome always fits. It waits for no journal entry.
+        node.send(
+            attach_response::Kind::Welcome(v1::Welcome {
+                epoch,
+                worker_id: self.settings.worker_id.clone(),
+                version: env!("CARGO_PKG_VERSION").to_owned(),
+            }),
+            0,
+        );
         if let Some(key) = node.lost_deadline.take() {
             self.deadlines.withdraw(key);
         }

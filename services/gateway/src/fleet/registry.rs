@@ -8,7 +8,6 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use ozfleet_proto::v1::{AttachResponse, BackendKind, NodeHello, attach_response};
-use tonic::Status;
 
 use super::deadlines::DeadlineKey;
 use super::events::{NodeSnapshot, NodeState};
@@ -16,7 +15,15 @@ use super::placement::Standing;
 
 /// Messages queued for one node's stream, at most [`NODE_QUEUE`]: a node that does not
 /// read its stream is disconnected rather than allowed to grow the gateway's memory.
-pub type NodeSender = tokio::sync::mpsc::Sender<Result<AttachResponse, Status>>;
+pub type NodeSender = tokio::sync::mpsc::Sender<Outgoing>;
+
+/// A message for a node, and the journal entries that must be on disk before it leaves
+/// (write-ahead: a node never starts what a crash could make the gateway forget).
+#[derive(Debug)]
+pub struct Outgoing {
+    pub journal_mark: u64,
+    pub response: AttachResponse,
+}
 
 /// How many messages may wait for one node.
 pub const NODE_QUEUE: usize = 1024;
@@ -93,14 +100,18 @@ impl NodeRecord {
         }
     }
 
-    /// Queues a message on the node's stream, never waiting.
-    pub fn send(&self, message: attach_response::Kind) -> Sent {
+    /// Queues a message on the node's stream, never waiting; it leaves once the journal
+    /// is on disk up to `journal_mark`.
+    pub fn send(&self, message: attach_response::Kind, journal_mark: u64) -> Sent {
         let Some(stream) = &self.stream else {
             return Sent::Gone;
         };
-        match stream.try_send(Ok(AttachResponse {
-            kind: Some(message),
-        })) {
+        match stream.try_send(Outgoing {
+            journal_mark,
+            response: AttachResponse {
+                kind: Some(message),
+            },
+        }) {
             Ok(()) => Sent::Queued,
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Sent::Overflowed,
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => Sent::Gone,

@@ -15,7 +15,6 @@ use tokio::sync::broadcast::error::TryRecvError;
 use tokio::sync::mpsc::Receiver;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::Status;
 
 use super::journal;
 use super::*;
@@ -49,7 +48,7 @@ impl Drop for Harness {
 struct TestNode {
     id: String,
     epoch: u64,
-    inbox: Receiver<Result<AttachResponse, Status>>,
+    inbox: Receiver<crate::fleet::Outgoing>,
 }
 
 fn hello(node_id: &str) -> NodeHello {
@@ -140,10 +139,10 @@ impl Harness {
         let (sender, mut inbox) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
         let id = hello.node_id.clone();
         let epoch = self.fleet.attach(&hello, sender).expect("attached");
-        match inbox.try_recv() {
-            Ok(Ok(AttachResponse {
+        match inbox.try_recv().map(|outgoing| outgoing.response) {
+            Ok(AttachResponse {
                 kind: Some(attach_response::Kind::Welcome(welcome)),
-            })) => {
+            }) => {
                 assert_eq!(welcome.epoch, epoch);
                 assert_eq!(welcome.worker_id, WORKER_ID);
             }
@@ -207,7 +206,7 @@ impl TestNode {
     fn messages(&mut self) -> Vec<attach_response::Kind> {
         let mut seen = Vec::new();
         while let Ok(message) = self.inbox.try_recv() {
-            seen.push(message.expect("no error status").kind.expect("a message"));
+            seen.push(message.response.kind.expect("a message"));
         }
         seen
     }

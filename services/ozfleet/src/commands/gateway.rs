@@ -88,7 +88,12 @@ fn config(args: &GatewayArgs) -> anyhow::Result<GatewayConfig> {
         },
         join_token,
         admin_token,
-        timings: FleetTimings::default(),
+        timings: FleetTimings {
+            offer_timeout: args.offer_timeout,
+            node_lost_timeout: args.node_lost_timeout,
+            node_keepalive: args.node_keepalive,
+            ..FleetTimings::default()
+        },
         node_link,
         state_dir: args.state_dir.clone(),
         max_nodes: args.max_nodes,
