@@ -144,6 +144,7 @@ fn runs_survive_a_control_plane_restart() {
     assert_eq!(stack.api.get(&run)["state"], "QUEUED");
     let _agent = stack.agent("agent-a", &[]);
     stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+    stack.assert_no_secrets_in_logs();
 }
 
 #[test]
@@ -355,6 +356,7 @@ fn no_direct_task_process_outlives_a_killed_agent_and_the_run_is_reported_once()
         || reports() >= 1,
     );
     assert_eq!(reports(), 1, "{}", stack.gateway.log());
+    stack.assert_no_secrets_in_logs();
 }
 
 #[test]
@@ -390,6 +392,7 @@ fn a_gateway_killed_with_runs_in_flight_restarts_and_no_run_is_lost_or_run_twice
             .sum();
         assert_eq!(executions, 1, "run {run} executed {executions} times");
     }
+    stack.assert_no_secrets_in_logs();
 }
 
 #[test]
@@ -447,4 +450,5 @@ fn runs_completing_while_the_control_plane_restarts_are_each_reported_once() {
             .count();
         assert_eq!(relayed, 1, "run {run} relayed {relayed} times");
     }
+    stack.assert_no_secrets_in_logs();
 }

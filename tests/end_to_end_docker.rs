@@ -179,6 +179,7 @@ fn a_killed_agent_finds_its_container_again_and_reports_the_true_outcome() {
         "the container to be removed",
         || containers_of(&run).is_empty(),
     );
+    stack.assert_no_secrets_in_logs();
 }
 
 #[test]
@@ -204,6 +205,7 @@ fn an_agent_stopped_with_sigterm_leaves_its_container_running_for_the_next_agent
     let agent = docker_agent(&stack, "docker-d", &[]);
     agent.wait_for_log("Resuming a task", Duration::from_secs(20));
     stack.api.wait_for_state(&run, "SUCCEEDED", RUN_TIMEOUT);
+    stack.assert_no_secrets_in_logs();
 }
 
 #[test]
@@ -316,4 +318,5 @@ fn a_gateway_killed_with_container_runs_in_flight_restarts_and_none_is_lost_or_r
             .count();
         assert_eq!(started, 1, "run {run} started {started} times");
     }
+    stack.assert_no_secrets_in_logs();
 }

@@ -289,6 +289,7 @@ fn a_killed_agent_re_adopts_its_job_and_reports_once() {
         pods[0]["status"]
     );
     delete_jobs_of(&run);
+    stack.assert_no_secrets_in_logs();
 }
 
 #[test]

@@ -15,6 +15,7 @@ use ozfleet_control_plane::run_api::{ListRuns, RunRequest};
 use serde_json::{Value, json};
 
 pub mod otlp;
+pub mod proxy;
 
 pub const API_KEY: &str = "e2e-api-key";
 pub const JOIN_TOKEN: &str = "e2e-join-token";
@@ -221,6 +222,30 @@ impl Proc {
         );
     }
 
+    /// Whether the process has not exited.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Resident memory (VmRSS), in bytes.
+    pub fn resident_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .unwrap_or_else(|error| panic!("read the status of {}: {error}", self.name));
+        status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|value| {
+                value
+                    .trim()
+                    .trim_end_matches("kB")
+                    .trim()
+                    .parse::<u64>()
+                    .ok()
+            })
+            .map(|kb| kb * 1024)
+            .unwrap_or_else(|| panic!("no VmRSS in the status of {}", self.name))
+    }
+
     /// SIGKILL, like a crash or `kill -9`.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -369,6 +394,71 @@ impl Stack {
             &[],
             gateway_env,
         )
+    }
+
+    /// Like [`Stack::start`], with extra control plane and gateway arguments.
+    pub fn start_with_args(control_plane_args: &[&str], gateway_args: &[&str]) -> Self {
+        Self::start_gateway_args(
+            tempfile::tempdir().expect("temp dir"),
+            control_plane_args,
+            gateway_args,
+            &[],
+        )
+    }
+
+    /// The gateway's node listener.
+    pub fn gateway_address(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.gateway_port))
+    }
+
+    /// Asserts that no log of this stack (every process, restarts included) holds a
+    /// secret: the API key, the join token, any run's token (the task's `WARP_API_KEY`,
+    /// read from the control plane's database), or a bearer header.
+    pub fn assert_no_secrets_in_logs(&self) {
+        let database = rusqlite::Connection::open_with_flags(
+            self.dir.path().join("runs.db"),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )
+        .expect("open the control plane's database");
+        let mut statement = database
+            .prepare("SELECT run_token FROM runs")
+            .expect("query run tokens");
+        let run_tokens: Vec<String> = statement
+            .query_map([], |row| row.get(0))
+            .expect("read run tokens")
+            .collect::<Result<_, _>>()
+            .expect("run tokens");
+        assert!(!run_tokens.is_empty(), "the test created no run");
+        let mut secrets = vec![API_KEY.to_owned(), JOIN_TOKEN.to_owned()];
+        // A run token is `<run id>.<secret>`: the secret part alone must not show either.
+        secrets.extend(
+            run_tokens
+                .iter()
+                .filter_map(|token| token.split_once('.').map(|(_, secret)| secret.to_owned())),
+        );
+        let mut logs = 0;
+        for entry in std::fs::read_dir(self.dir.path()).expect("list the stack's dir") {
+            let path = entry.expect("dir entry").path();
+            if path.extension().is_none_or(|extension| extension != "log") {
+                continue;
+            }
+            logs += 1;
+            let log = std::fs::read_to_string(&path).expect("read a log");
+            assert_no_credentials(&log, API_KEY);
+            for secret in &secrets {
+                assert!(
+                    !log.contains(secret.as_str()),
+                    "a secret ({}…) is in {}",
+                    &secret[..4],
+                    path.display()
+                );
+            }
+        }
+        assert!(
+            logs >= 2,
+            "no process logs found in {}",
+            self.dir.path().display()
+        );
     }
 
     /// A stack whose gateway serves the node link with mTLS: `ozfleet certs` creates a
@@ -612,12 +702,55 @@ impl Stack {
         backend_args: &[&str],
         envs: &[(&str, &str)],
     ) -> Proc {
-        let state_dir = self.dir.path().join(format!("{name}-state"));
         let gateway = format!("http://127.0.0.1:{}", self.gateway_port);
+        self.node_agent_at(name, &gateway, backend_args, envs)
+    }
+
+    /// A Direct agent like [`Stack::agent`] that dials the gateway at `gateway` (a proxy
+    /// in front of it).
+    pub fn agent_via(&self, name: &str, gateway: &str) -> Proc {
+        let workspaces = self.dir.path().join(format!("{name}-workspaces"));
+        let demo_agent = demo_agent(self.dir.path());
+        let args = [
+            "--backend",
+            "direct",
+            "--workspace-root",
+            workspaces.to_str().unwrap(),
+            "--oz-path",
+            demo_agent.to_str().unwrap(),
+        ];
+        self.node_agent_at(name, gateway, &args, &[])
+    }
+
+    /// The outcomes the agent `name` holds on disk, not yet acknowledged by the gateway.
+    pub fn pending_outcomes(&self, name: &str) -> usize {
+        let directory = self
+            .dir
+            .path()
+            .join(format!("{name}-state"))
+            .join("outcomes");
+        // Files being written are dot-files (temporaries renamed into place).
+        std::fs::read_dir(directory).map_or(0, |entries| {
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| !entry.file_name().to_string_lossy().starts_with('.'))
+                .count()
+        })
+    }
+
+    /// Starts a node agent named `name` dialing `gateway`; waits until it is attached.
+    fn node_agent_at(
+        &self,
+        name: &str,
+        gateway: &str,
+        backend_args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Proc {
+        let state_dir = self.dir.path().join(format!("{name}-state"));
         let mut args = vec![
             "agent",
             "--gateway",
-            &gateway,
+            gateway,
             "--name",
             name,
             "--state-dir",

@@ -179,10 +179,16 @@ mod tests {
         assert_eq!(batch.len(), 1, "only the message from before the journal");
         outbox.mark_sent(&batch[0]);
         let held = tokio::time::timeout(Duration::from_secs(60), outbox.front()).await;
-        assert!(held.is_err(), "sent before its journal entries were on disk");
+        assert!(
+            held.is_err(),
+            "sent before its journal entries were on disk"
+        );
         durable.send_replace(1);
         let held = tokio::time::timeout(Duration::from_secs(60), outbox.front()).await;
-        assert!(held.is_err(), "sent with one of its two journal entries on disk");
+        assert!(
+            held.is_err(),
+            "sent with one of its two journal entries on disk"
+        );
         durable.send_replace(2);
         let claim = outbox.front().await;
         assert_eq!(claim.message, WorkerMessage::claimed("t1", "w"));

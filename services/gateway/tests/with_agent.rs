@@ -250,12 +250,18 @@ async fn with_a_journal_nothing_leaves_the_gateway_before_its_entry_is_on_disk()
     // Oz hears nothing while the entry that gives run-1 to node-a is not on disk.
     let answered = tokio::time::timeout(Duration::from_millis(500), async {
         wait_for(&mut events, |event| {
-            matches!(event, FleetEvent::TaskClaimed { .. } | FleetEvent::TaskRefused { .. })
+            matches!(
+                event,
+                FleetEvent::TaskClaimed { .. } | FleetEvent::TaskRefused { .. }
+            )
         })
         .await
     })
     .await;
-    assert!(answered.is_err(), "the node answered an offer held for the journal: {answered:?}");
+    assert!(
+        answered.is_err(),
+        "the node answered an offer held for the journal: {answered:?}"
+    );
     assert!(upstream(&outbox, &fleet).is_empty());
 
     // The writer runs: the offer leaves, the node runs the task, Oz hears claim and outcome.
