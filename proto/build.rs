@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out_dir.join("ozfleet_descriptor.bin"))
         // The assignment carries Oz's `env_vars` (API keys, tokens): its Debug is hand-written.
         .skip_debug(["ozfleet.v1.TaskAssignment"])
+        // Small per-stream buffers: an attach stream lives as long as its node.
+        .codec_path("crate::codec::SmallBufferCodec")
         .compile_protos(&["ozfleet/v1/node.proto", "ozfleet/v1/admin.proto"], &["."])?;
     Ok(())
 }

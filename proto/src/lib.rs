@@ -5,6 +5,7 @@
 //! - [`oz`]: the JSON messages of Oz's self-hosted worker WebSocket, exactly as
 //!   `oz-agent-worker` speaks them.
 
+pub mod codec;
 pub mod node_id;
 pub mod oz;
 pub mod reconnect;

@@ -495,12 +495,7 @@ pub async fn track_readiness(fleet: Arc<Fleet>, health: HealthReporter, stop: Ca
     let mut events = fleet.subscribe();
     let mut shown = None;
     loop {
-        let snapshot = fleet.snapshot();
-        let ready = snapshot.upstream_connected
-            && snapshot
-                .nodes
-                .iter()
-                .any(|node| node.state != NodeState::Disconnected);
+        let ready = fleet.is_ready();
         if shown != Some(ready) {
             let status = if ready {
                 ServingStatus::Serving

@@ -10,16 +10,17 @@
 //! `oz_worker_info{backend}` is `fleet`.
 //!
 //! Counters follow the fleet's events synchronously (they can never miss one); gauges are
-//! read from the fleet's snapshot at collection time, so they are right by construction.
+//! read from the fleet at collection time (one pass, shared by all of them), so they are right by construction.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
 
 use opentelemetry::KeyValue;
 use opentelemetry::metrics::{Counter, Histogram, Meter};
 use ozfleet_proto::oz::FailureReason;
 
-use crate::fleet::{Fleet, FleetEvent, FleetSnapshot, NodeState, TaskResult, TaskState};
+use crate::fleet::{Fleet, FleetEvent, FleetReadings, NodeState, TaskResult};
 
 /// The instrumentation scope the reference's dashboards filter on.
 pub const SCOPE: &str = "github.com/warpdotdev/oz-agent-worker";
@@ -197,7 +198,7 @@ impl EventInstruments {
     }
 }
 
-/// What the gauges read from one snapshot.
+/// What the gauges read from one pass over the fleet.
 struct Gauges {
     connected: i64,
     tasks_active: i64,
@@ -205,7 +206,7 @@ struct Gauges {
     /// (backend, state) → nodes.
     nodes: BTreeMap<(&'static str, &'static str), i64>,
     /// node id → (active tasks, capacity).
-    per_node: Vec<(String, i64, i64)>,
+    per_node: Vec<(Arc<str>, i64, i64)>,
 }
 
 fn backend_name(backend: ozfleet_proto::v1::BackendKind) -> &'static str {
@@ -217,12 +218,12 @@ fn backend_name(backend: ozfleet_proto::v1::BackendKind) -> &'static str {
     }
 }
 
-fn gauges(snapshot: &FleetSnapshot) -> Gauges {
+fn gauges(readings: &FleetReadings) -> Gauges {
     let mut max_concurrent = 0i64;
     let mut unlimited = false;
     let mut nodes = BTreeMap::new();
-    let mut per_node = Vec::with_capacity(snapshot.nodes.len());
-    for node in &snapshot.nodes {
+    let mut per_node = Vec::with_capacity(readings.nodes.len());
+    for node in &readings.nodes {
         let state = match node.state {
             NodeState::Ready => {
                 if node.max_concurrent_tasks == 0 {
@@ -238,21 +239,44 @@ fn gauges(snapshot: &FleetSnapshot) -> Gauges {
             .entry((backend_name(node.backend), state))
             .or_insert(0) += 1;
         per_node.push((
-            node.node_id.to_string(),
+            node.node_id.clone(),
             i64::from(node.active_tasks),
             i64::from(node.max_concurrent_tasks),
         ));
     }
     Gauges {
-        connected: i64::from(snapshot.upstream_connected),
-        tasks_active: snapshot
-            .tasks
-            .iter()
-            .filter(|task| task.state != TaskState::Offered)
-            .count() as i64,
+        connected: i64::from(readings.upstream_connected),
+        tasks_active: i64::try_from(readings.tasks_active).unwrap_or(i64::MAX),
         max_concurrent: if unlimited { 0 } else { max_concurrent },
         nodes,
         per_node,
+    }
+}
+
+/// How long one reading of the fleet serves the gauges: far less than any export
+/// interval, far more than one collection takes.
+const READING_REUSE: Duration = Duration::from_millis(500);
+
+/// The fleet's gauges, read at most once per [`READING_REUSE`].
+struct SharedReading {
+    fleet: Weak<Fleet>,
+    last: Mutex<Option<(Instant, Arc<Gauges>)>>,
+}
+
+impl SharedReading {
+    fn gauges(&self) -> Option<Arc<Gauges>> {
+        let mut last = self
+            .last
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((taken, gauges)) = last.as_ref()
+            && taken.elapsed() < READING_REUSE
+        {
+            return Some(gauges.clone());
+        }
+        let gauges = Arc::new(gauges(&self.fleet.upgrade()?.readings()));
+        *last = Some((Instant::now(), gauges.clone()));
+        Some(gauges)
     }
 }
 
@@ -262,40 +286,45 @@ pub fn register(meter: &Meter, fleet: &Arc<Fleet>, worker_id: &str) {
     events.prime();
     fleet.observe(Box::new(move |event| events.record(event)));
 
-    let read = |fleet: &Arc<Fleet>| {
-        let fleet = Arc::downgrade(fleet);
-        move || fleet.upgrade().map(|fleet| gauges(&fleet.snapshot()))
+    // One collection runs every callback below in a row: they share one reading.
+    let shared = Arc::new(SharedReading {
+        fleet: Arc::downgrade(fleet),
+        last: Mutex::new(None),
+    });
+    let read = || {
+        let shared = shared.clone();
+        move || shared.gauges()
     };
-    let snapshot = read(fleet);
+    let gauges_now = read();
     meter
         .i64_observable_gauge("oz_worker_connected")
         .with_description(
             "1 while the worker has an active WebSocket connection to warp-server, 0 otherwise.",
         )
         .with_callback(move |observer| {
-            if let Some(gauges) = snapshot() {
+            if let Some(gauges) = gauges_now() {
                 observer.observe(gauges.connected, &[]);
             }
         })
         .build();
-    let snapshot = read(fleet);
+    let gauges_now = read();
     meter
         .i64_observable_up_down_counter("oz_worker_tasks_active")
         .with_description("Number of tasks the worker is currently executing.")
         .with_callback(move |observer| {
-            if let Some(gauges) = snapshot() {
+            if let Some(gauges) = gauges_now() {
                 observer.observe(gauges.tasks_active, &[]);
             }
         })
         .build();
-    let snapshot = read(fleet);
+    let gauges_now = read();
     meter
         .i64_observable_gauge("oz_worker_tasks_max_concurrent")
         .with_description(
             "Configured upper bound on concurrent tasks for this worker. 0 means unlimited.",
         )
         .with_callback(move |observer| {
-            if let Some(gauges) = snapshot() {
+            if let Some(gauges) = gauges_now() {
                 observer.observe(gauges.max_concurrent, &[]);
             }
         })
@@ -310,12 +339,12 @@ pub fn register(meter: &Meter, fleet: &Arc<Fleet>, worker_id: &str) {
         .with_description("Constant 1 with build/runtime metadata as labels.")
         .with_callback(move |observer| observer.observe(1, &info))
         .build();
-    let snapshot = read(fleet);
+    let gauges_now = read();
     meter
         .i64_observable_gauge("ozfleet_nodes_attached")
         .with_description("Nodes known to the gateway, by backend and state.")
         .with_callback(move |observer| {
-            let Some(gauges) = snapshot() else { return };
+            let Some(gauges) = gauges_now() else { return };
             for backend in ["direct", "docker", "kubernetes"] {
                 for state in ["ready", "draining", "disconnected"] {
                     let count = gauges.nodes.get(&(backend, state)).copied().unwrap_or(0);
@@ -330,25 +359,25 @@ pub fn register(meter: &Meter, fleet: &Arc<Fleet>, worker_id: &str) {
             }
         })
         .build();
-    let snapshot = read(fleet);
+    let gauges_now = read();
     meter
         .i64_observable_gauge("ozfleet_node_tasks_active")
         .with_description("Tasks offered to or running on each node.")
         .with_callback(move |observer| {
-            let Some(gauges) = snapshot() else { return };
-            for (node_id, active, _) in gauges.per_node {
-                observer.observe(active, &[KeyValue::new("node_id", node_id)]);
+            let Some(gauges) = gauges_now() else { return };
+            for (node_id, active, _) in &gauges.per_node {
+                observer.observe(*active, &[KeyValue::new("node_id", node_id.to_string())]);
             }
         })
         .build();
-    let snapshot = read(fleet);
+    let gauges_now = read();
     meter
         .i64_observable_gauge("ozfleet_node_capacity")
         .with_description("Each node's maximum concurrent tasks (0 = unlimited).")
         .with_callback(move |observer| {
-            let Some(gauges) = snapshot() else { return };
-            for (node_id, _, capacity) in gauges.per_node {
-                observer.observe(capacity, &[KeyValue::new("node_id", node_id)]);
+            let Some(gauges) = gauges_now() else { return };
+            for (node_id, _, capacity) in &gauges.per_node {
+                observer.observe(*capacity, &[KeyValue::new("node_id", node_id.to_string())]);
             }
         })
         .build();

@@ -272,7 +272,7 @@ where
                 if let Some(durability) = durability {
                     durability.wait_for(outgoing.journal_mark).await;
                 }
-                Ok(outgoing.response)
+                Ok(*outgoing.response)
             }
         },
     )))

@@ -183,3 +183,24 @@ pub struct FleetSnapshot {
     pub nodes: Vec<NodeSnapshot>,
     pub tasks: Vec<TaskSnapshot>,
 }
+
+/// What the metrics read from the fleet: counts and one small record per node, taken in
+/// one pass without cloning names, labels or tasks (see [`super::Fleet::readings`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetReadings {
+    pub upstream_connected: bool,
+    /// Tasks running, or held for a node that is away (what a snapshot shows as not
+    /// `Offered`).
+    pub tasks_active: usize,
+    pub nodes: Vec<NodeReading>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeReading {
+    pub node_id: Arc<str>,
+    pub backend: BackendKind,
+    pub state: NodeState,
+    pub active_tasks: u32,
+    /// 0: unlimited.
+    pub max_concurrent_tasks: u32,
+}

@@ -10,7 +10,7 @@ use std::time::SystemTime;
 use ozfleet_proto::v1::{AttachResponse, BackendKind, NodeHello, attach_response};
 
 use super::deadlines::DeadlineKey;
-use super::events::{NodeSnapshot, NodeState};
+use super::events::{NodeReading, NodeSnapshot, NodeState};
 use super::placement::Standing;
 
 /// Messages queued for one node's stream, at most [`NODE_QUEUE`]: a node that does not
@@ -19,10 +19,12 @@ pub type NodeSender = tokio::sync::mpsc::Sender<Outgoing>;
 
 /// A message for a node, and the journal entries that must be on disk before it leaves
 /// (write-ahead: a node never starts what a crash could make the gateway forget).
+/// The message is boxed: the queue allocates its slots 32 at a time, and an unboxed
+/// `AttachResponse` would make that first block cost every idle node kilobytes.
 #[derive(Debug)]
 pub struct Outgoing {
     pub journal_mark: u64,
-    pub response: AttachResponse,
+    pub response: Box<AttachResponse>,
 }
 
 /// How many messages may wait for one node.
@@ -108,9 +110,9 @@ impl NodeRecord {
         };
         match stream.try_send(Outgoing {
             journal_mark,
-            response: AttachResponse {
+            response: Box::new(AttachResponse {
                 kind: Some(message),
-            },
+            }),
         }) {
             Ok(()) => Sent::Queued,
             Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => Sent::Overflowed,
@@ -118,12 +120,25 @@ impl NodeRecord {
         }
     }
 
-    pub fn snapshot(&self) -> NodeSnapshot {
-        let state = match (self.is_connected(), self.draining) {
+    fn state(&self) -> NodeState {
+        match (self.is_connected(), self.draining) {
             (false, _) => NodeState::Disconnected,
             (true, true) => NodeState::Draining,
             (true, false) => NodeState::Ready,
-        };
+        }
+    }
+
+    pub fn reading(&self) -> NodeReading {
+        NodeReading {
+            node_id: self.node_id.clone(),
+            backend: self.backend,
+            state: self.state(),
+            active_tasks: self.standing().load,
+            max_concurrent_tasks: self.capacity.unwrap_or(0),
+        }
+    }
+
+    pub fn snapshot(&self) -> NodeSnapshot {
         NodeSnapshot {
             node_id: self.node_id.clone(),
             name: self.name.clone(),
@@ -132,7 +147,7 @@ impl NodeRecord {
             version: self.version.clone(),
             max_concurrent_tasks: self.capacity.unwrap_or(0),
             active_tasks: self.standing().load,
-            state,
+            state: self.state(),
             draining: self.draining,
             epoch: self.epoch,
             connected_since: self.connected_since,

@@ -139,7 +139,7 @@ impl Harness {
         let (sender, mut inbox) = tokio::sync::mpsc::channel(crate::fleet::NODE_QUEUE);
         let id = hello.node_id.clone();
         let epoch = self.fleet.attach(&hello, sender).expect("attached");
-        match inbox.try_recv().map(|outgoing| outgoing.response) {
+        match inbox.try_recv().map(|outgoing| *outgoing.response) {
             Ok(AttachResponse {
                 kind: Some(attach_response::Kind::Welcome(welcome)),
             }) => {
@@ -1380,4 +1380,70 @@ async fn with_a_journal_a_node_cannot_have_unknown_tasks_adopted_even_right_afte
     let mut node = h.attach(claims);
     assert_eq!(node.messages(), vec![cancellation("never-given", "exec")]);
     assert!(h.fleet.snapshot().tasks.is_empty());
+}
+
+// ---- readings (metrics, readiness) ----------------------------------------------------
+
+/// What the metrics and readiness read in one cheap pass must say what a full snapshot
+/// says.
+fn assert_readings_match_snapshot(fleet: &Fleet) {
+    let snapshot = fleet.snapshot();
+    let readings = fleet.readings();
+    assert_eq!(readings.upstream_connected, snapshot.upstream_connected);
+    assert_eq!(
+        readings.tasks_active,
+        snapshot
+            .tasks
+            .iter()
+            .filter(|task| task.state != TaskState::Offered)
+            .count()
+    );
+    let mut nodes = readings.nodes.clone();
+    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    let expected: Vec<NodeReading> = snapshot
+        .nodes
+        .iter()
+        .map(|node| NodeReading {
+            node_id: node.node_id.clone(),
+            backend: node.backend,
+            state: node.state,
+            active_tasks: node.active_tasks,
+            max_concurrent_tasks: node.max_concurrent_tasks,
+        })
+        .collect();
+    assert_eq!(nodes, expected);
+    assert_eq!(
+        fleet.is_ready(),
+        snapshot.upstream_connected
+            && snapshot
+                .nodes
+                .iter()
+                .any(|node| node.state != NodeState::Disconnected)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn readings_and_readiness_agree_with_the_snapshot() {
+    let h = Harness::new();
+    assert_readings_match_snapshot(&h.fleet);
+    h.fleet.set_upstream_connected(true);
+    assert!(!h.fleet.is_ready(), "no node yet");
+    let mut a = h.attach(NodeHello {
+        max_concurrent_tasks: 2,
+        ..hello("node-a")
+    });
+    assert!(h.fleet.is_ready());
+    run_on(&h, &mut a, "run-1", "exec-1");
+    let b = h.attach(hello("node-b"));
+    // Offered, not yet accepted: not active.
+    h.assign("run-2", "exec-2");
+    assert_readings_match_snapshot(&h.fleet);
+    h.fleet.set_draining("node-b", true).unwrap();
+    assert_readings_match_snapshot(&h.fleet);
+    // node-a goes away holding run-1: still active (held for it), node-a disconnected.
+    h.fleet.detach(&a.id, a.epoch);
+    assert_readings_match_snapshot(&h.fleet);
+    h.fleet.detach(&b.id, b.epoch);
+    assert!(!h.fleet.is_ready(), "every node is away");
+    assert_readings_match_snapshot(&h.fleet);
 }
