@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod fleet;
+mod memory;
 pub mod metrics;
 pub mod node_api;
 pub mod outbox;
@@ -395,6 +396,10 @@ async fn serve(
         let stop = background_stop.clone();
         async move { fleet.run_deadlines(stop).await }
     });
+    background.spawn(memory::trim_when_idle(
+        fleet.clone(),
+        background_stop.clone(),
+    ));
     background.spawn(admin::track_readiness(
         fleet.clone(),
         health,

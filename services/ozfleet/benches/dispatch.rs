@@ -98,6 +98,8 @@ struct Options {
     reattach_policy: ReattachPolicy,
     gateway_bin: PathBuf,
     log_level: String,
+    /// Run the gateway with a `--state-dir` (its write-ahead journal on the dispatch path).
+    journal: bool,
     verbose: bool,
 }
 
@@ -116,6 +118,7 @@ dispatch benchmark: ozfleet gateway vs an ideal relay, on loopback
   --reattach-policy P      agent (default) | legacy (backoff without the reattach spread)
   --gateway-bin PATH       the ozfleet binary (default: the one cargo built)
   --log-level LEVEL        the gateway's --log-level (default info; logs go to a file)
+  --journal                give the gateway a --state-dir in the work dir (write-ahead journal)
   --verbose                print each point as it finishes";
 
 fn parse_list<T: std::str::FromStr>(value: &str) -> Result<Vec<T>, String> {
@@ -148,6 +151,7 @@ impl Options {
             reattach_policy: ReattachPolicy::Agent,
             gateway_bin: PathBuf::from(env!("CARGO_BIN_EXE_ozfleet")),
             log_level: "info".into(),
+            journal: false,
             verbose: false,
         };
         let mut args = args.iter();
@@ -207,6 +211,7 @@ impl Options {
                 }
                 "--gateway-bin" => options.gateway_bin = value()?.into(),
                 "--log-level" => options.log_level = value()?,
+                "--journal" => options.journal = true,
                 "--verbose" => options.verbose = true,
                 other => return Err(format!("unknown argument {other:?}\n\n{HELP}")),
             }
@@ -509,6 +514,12 @@ impl Child {
                     .args(["--server-root-url", "http://127.0.0.1:9"])
                     .args(["--log-level", &options.log_level])
                     .env_remove("RUST_LOG");
+                if options.journal {
+                    // The same dir across a restart: the journal is read back.
+                    command
+                        .arg("--state-dir")
+                        .arg(workdir.join("gateway-state"));
+                }
                 command
             }
             System::Ideal => {
