@@ -15,8 +15,7 @@ use std::time::Duration;
 use common::proxy::TcpProxy;
 use common::{Proc, Stack, free_port, wait_until};
 use gateway_harness::{
-    FakeNode, FakeOz, OzMode, assign_and_claim, claimed_frame, hello, hello_request, running,
-    succeeded,
+    FakeNode, FakeOz, OzMode, assign_and_claim, claimed_frame, hello, succeeded,
 };
 use ozfleet_proto::oz::WorkerMessage;
 use ozfleet_proto::v1::node_service_client::NodeServiceClient;
@@ -166,7 +165,7 @@ async fn hostile_input_against_a_gateway_process_loses_nothing_and_keeps_memory_
     node.report(succeeded("run-warm", "exec-warm"));
     assert_eq!(upstream.recv().await, WorkerMessage::completed("run-warm"));
     assert_eq!(node.expect_ack().await.task_id, "run-warm");
-    let baseline = gateway.resident_bytes();
+    let baseline = gateway_harness::resident_bytes(&gateway.pid().to_string());
 
     // From Oz: frames that are not messages at all, or not the right ones.
     upstream.send(Message::binary(vec![0xff_u8, 0x00, 0x13, 0x37]));
@@ -242,21 +241,7 @@ async fn hostile_input_against_a_gateway_process_loses_nothing_and_keeps_memory_
         assert_eq!(node.expect_ack().await.task_id, format!("forged-{forged}"));
     }
     // A hello announcing 100,000 tasks is refused.
-    let mut flood = hello("node-flood");
-    flood.running_tasks = (0..100_000)
-        .map(|task| running(&format!("run-{task}"), "exec"))
-        .collect();
-    let refused = gateway_harness::open_attach(
-        &node_url,
-        Some(gateway_harness::JOIN_TOKEN),
-        vec![hello_request(flood)],
-    )
-    .await
-    .map(|(_sender, mut responses)| async move { responses.message().await });
-    match refused {
-        Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
-        Ok(next) => assert!(next.await.is_err(), "the flood hello must be refused"),
-    }
+    gateway_harness::assert_a_flood_hello_is_refused(&node_url).await;
     // 2,000 streams that never say hello, 4 per connection (the gateway's cap): while
     // they hang, real work flows; then each is ended by the gateway.
     let mut flood = JoinSet::new();
@@ -289,7 +274,8 @@ async fn hostile_input_against_a_gateway_process_loses_nothing_and_keeps_memory_
     assert_eq!(node.expect_ack().await.task_id, "run-ok");
     upstream.expect_quiet().await;
     assert!(gateway.is_running(), "{}", gateway.log());
-    let grown = gateway.resident_bytes().saturating_sub(baseline);
+    let grown =
+        gateway_harness::resident_bytes(&gateway.pid().to_string()).saturating_sub(baseline);
     eprintln!(
         "gateway RSS: {} MiB before the hostile input, grown by {} MiB",
         baseline / (1024 * 1024),

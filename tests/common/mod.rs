@@ -227,25 +227,6 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    /// Resident memory (VmRSS), in bytes.
-    pub fn resident_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .unwrap_or_else(|error| panic!("read the status of {}: {error}", self.name));
-        status
-            .lines()
-            .find_map(|line| line.strip_prefix("VmRSS:"))
-            .and_then(|value| {
-                value
-                    .trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map(|kb| kb * 1024)
-            .unwrap_or_else(|| panic!("no VmRSS in the status of {}", self.name))
-    }
-
     /// SIGKILL, like a crash or `kill -9`.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -675,18 +656,24 @@ impl Stack {
 
     /// [`Stack::agent`] with extra environment variables.
     pub fn agent_with_env(&self, name: &str, extra: &[&str], envs: &[(&str, &str)]) -> Proc {
+        let mut args = self.direct_args(name);
+        args.extend(extra.iter().map(|arg| arg.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.node_agent_with_env(name, &args, envs)
+    }
+
+    /// `--backend direct` running the demo agent, in `name`'s own workspace root.
+    fn direct_args(&self, name: &str) -> Vec<String> {
         let workspaces = self.dir.path().join(format!("{name}-workspaces"));
         let demo_agent = demo_agent(self.dir.path());
-        let mut args = vec![
-            "--backend",
-            "direct",
-            "--workspace-root",
-            workspaces.to_str().unwrap(),
-            "--oz-path",
-            demo_agent.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        self.node_agent_with_env(name, &args, envs)
+        vec![
+            "--backend".into(),
+            "direct".into(),
+            "--workspace-root".into(),
+            workspaces.to_str().unwrap().into(),
+            "--oz-path".into(),
+            demo_agent.to_str().unwrap().into(),
+        ]
     }
 
     /// Starts a node agent named `name` with `backend_args`; its state dir is
@@ -709,16 +696,8 @@ impl Stack {
     /// A Direct agent like [`Stack::agent`] that dials the gateway at `gateway` (a proxy
     /// in front of it).
     pub fn agent_via(&self, name: &str, gateway: &str) -> Proc {
-        let workspaces = self.dir.path().join(format!("{name}-workspaces"));
-        let demo_agent = demo_agent(self.dir.path());
-        let args = [
-            "--backend",
-            "direct",
-            "--workspace-root",
-            workspaces.to_str().unwrap(),
-            "--oz-path",
-            demo_agent.to_str().unwrap(),
-        ];
+        let args = self.direct_args(name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         self.node_agent_at(name, gateway, &args, &[])
     }
 

@@ -1259,30 +1259,12 @@ async fn a_node_that_leaves_an_offer_unanswered_gets_no_more_and_is_disconnected
 
 // ---- hostile input (fault-injection test 6 of the guarantees) --------------------------
 
-/// This process's resident memory, in bytes (Linux).
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|value| {
-            value
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse::<u64>()
-                .ok()
-        })
-        .map(|kb| kb * 1024)
-        .unwrap()
-}
-
 #[tokio::test]
 async fn hostile_input_from_oz_and_from_nodes_loses_nothing_and_keeps_memory_bounded() {
     let (mut oz, gateway, mut upstream) = start_connected().await;
     let mut node = FakeNode::attach_id(&gateway, "node-a").await;
     assign_and_claim(&mut upstream, &mut node, "run-warm", "exec-warm").await;
-    let before = resident_bytes();
+    let before = resident_bytes("self");
 
     for round in 0..3 {
         // Deep nesting, duplicate assignments, unknown cancellations.
@@ -1324,23 +1306,7 @@ async fn hostile_input_from_oz_and_from_nodes_loses_nothing_and_keeps_memory_bou
         node.report(succeeded(&format!("forged-{round}"), "exec"));
         assert_eq!(node.expect_ack().await.task_id, format!("forged-{round}"));
     }
-    // A hello announcing 100,000 tasks is refused (over the 4 MiB message limit, or over the
-    // 10,000-task bound), without harm.
-    let mut flood = hello("node-flood");
-    flood.running_tasks = (0..100_000)
-        .map(|task| running(&format!("run-{task}"), "exec"))
-        .collect();
-    let refused = open_attach(
-        &gateway.node_url(),
-        Some(JOIN_TOKEN),
-        vec![hello_request(flood)],
-    )
-    .await
-    .map(|(_sender, mut responses)| async move { responses.message().await });
-    match refused {
-        Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
-        Ok(next) => assert!(next.await.is_err(), "the flood hello must be refused"),
-    }
+    assert_a_flood_hello_is_refused(&gateway.node_url()).await;
 
     // A frame over the WebSocket limit ends that connection; the gateway reconnects.
     let oversized = "x".repeat(ozfleet_gateway::upstream::MAX_WEBSOCKET_MESSAGE_BYTES + 1);
@@ -1351,7 +1317,7 @@ async fn hostile_input_from_oz_and_from_nodes_loses_nothing_and_keeps_memory_bou
     assign_and_claim(&mut upstream, &mut node, "run-ok", "exec-ok").await;
     node.report(succeeded("run-ok", "exec-ok"));
     assert_eq!(upstream.recv().await, WorkerMessage::completed("run-ok"));
-    let grown = resident_bytes().saturating_sub(before);
+    let grown = resident_bytes("self").saturating_sub(before);
     assert!(
         grown < 256 * 1024 * 1024,
         "hostile input ratcheted memory up by {} MiB",

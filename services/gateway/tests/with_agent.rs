@@ -110,6 +110,44 @@ fn upstream(outbox: &Outbox, fleet: &Fleet) -> Vec<WorkerMessage> {
     sent
 }
 
+/// A real node agent session ("node-a", one slot) attached in process to a fleet, its
+/// backend panicking on the tasks named in `panic_on`; cancel `stop` to end it.
+struct Agent {
+    stop: CancellationToken,
+    _state: tempfile::TempDir,
+}
+
+fn start_agent(
+    fleet: &Arc<Fleet>,
+    panic_on: &[&str],
+    running: &mut JoinSet<anyhow::Result<()>>,
+) -> Agent {
+    let stop = CancellationToken::new();
+    let state = tempfile::tempdir().unwrap();
+    let config = NodeConfig {
+        state_dir: state.path().to_path_buf(),
+        node_name: "node-a".into(),
+        labels: BTreeMap::new(),
+        // One slot: a second task runs only if the first freed it.
+        max_concurrent_tasks: 1,
+        idle_on_complete: None,
+        shutdown_grace: Duration::from_secs(1),
+    };
+    let backend = Arc::new(PanickyBackend {
+        panic_on: Mutex::new(panic_on.iter().map(|task| task.to_string()).collect()),
+    });
+    let connector = Arc::new(InProcess {
+        fleet: fleet.clone(),
+        streams: TaskTracker::new(),
+        stop: stop.clone(),
+    });
+    running.spawn(ozfleet_agent::run(config, backend, connector, stop.clone()));
+    Agent {
+        stop,
+        _state: state,
+    }
+}
+
 #[tokio::test]
 async fn a_panicking_backend_yields_one_unknown_failure_upstream_and_frees_the_slot() {
     let outbox = Arc::new(Outbox::default());
@@ -119,28 +157,8 @@ async fn a_panicking_backend_yields_one_unknown_failure_upstream_and_frees_the_s
     };
     let fleet = Fleet::new(outbox.clone(), settings, FleetTimings::default());
     let mut events = fleet.subscribe();
-    let stop = CancellationToken::new();
-    let streams = TaskTracker::new();
-    let state = tempfile::tempdir().unwrap();
-    let config = NodeConfig {
-        state_dir: state.path().to_path_buf(),
-        node_name: "node-a".into(),
-        labels: BTreeMap::new(),
-        // One slot: the second task runs only if the panic freed it.
-        max_concurrent_tasks: 1,
-        idle_on_complete: None,
-        shutdown_grace: Duration::from_secs(1),
-    };
-    let backend = Arc::new(PanickyBackend {
-        panic_on: Mutex::new(vec!["run-1".into()]),
-    });
-    let connector = Arc::new(InProcess {
-        fleet: fleet.clone(),
-        streams: streams.clone(),
-        stop: stop.clone(),
-    });
-    let mut agent = JoinSet::new();
-    agent.spawn(ozfleet_agent::run(config, backend, connector, stop.clone()));
+    let mut running = JoinSet::new();
+    let agent = start_agent(&fleet, &["run-1"], &mut running);
     wait_for(&mut events, |event| {
         matches!(event, FleetEvent::NodeAttached { .. })
     })
@@ -185,8 +203,8 @@ async fn a_panicking_backend_yields_one_unknown_failure_upstream_and_frees_the_s
     .await;
     assert_eq!(fleet.snapshot().nodes[0].active_tasks, 0);
 
-    stop.cancel();
-    agent.join_next().await.unwrap().unwrap().unwrap();
+    agent.stop.cancel();
+    running.join_next().await.unwrap().unwrap().unwrap();
 }
 
 #[tokio::test]
@@ -209,31 +227,8 @@ async fn with_a_journal_nothing_leaves_the_gateway_before_its_entry_is_on_disk()
         recovered,
     );
     let mut events = fleet.subscribe();
-    let stop = CancellationToken::new();
-    let streams = TaskTracker::new();
-    let state = tempfile::tempdir().unwrap();
-    let config = NodeConfig {
-        state_dir: state.path().to_path_buf(),
-        node_name: "node-a".into(),
-        labels: BTreeMap::new(),
-        max_concurrent_tasks: 1,
-        idle_on_complete: None,
-        shutdown_grace: Duration::from_secs(1),
-    };
-    let backend = Arc::new(PanickyBackend {
-        panic_on: Mutex::new(Vec::new()),
-    });
-    let connector = Arc::new(InProcess {
-        fleet: fleet.clone(),
-        streams: streams.clone(),
-        stop: stop.clone(),
-    });
     let mut running = JoinSet::new();
-    let agent_stop = stop.clone();
-    running.spawn(async move {
-        ozfleet_agent::run(config, backend, connector, agent_stop).await?;
-        anyhow::Ok(())
-    });
+    let agent = start_agent(&fleet, &[], &mut running);
     // The welcome needs no journal entry: the node attaches.
     wait_for(&mut events, |event| {
         matches!(event, FleetEvent::NodeAttached { .. })
@@ -292,7 +287,7 @@ async fn with_a_journal_nothing_leaves_the_gateway_before_its_entry_is_on_disk()
     );
 
     // Shut down: the agent stops, the journal closes, its writer ends.
-    stop.cancel();
+    agent.stop.cancel();
     fleet.close_journal();
     while let Some(joined) = running.join_next().await {
         joined.unwrap().unwrap();

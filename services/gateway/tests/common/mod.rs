@@ -716,3 +716,38 @@ pub async fn assign_and_claim(
     assert_eq!(upstream.recv_text().await, claimed_frame(task_id));
     assignment
 }
+
+/// Resident memory (VmRSS) of process `pid` (`"self"`: this one), in bytes (Linux).
+pub fn resident_bytes(pid: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_else(|error| panic!("read the status of process {pid}: {error}"));
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| {
+            value
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or_else(|| panic!("no VmRSS in the status of process {pid}"))
+}
+
+/// A hello announcing 100,000 running tasks is refused (over the 4 MiB message limit, or
+/// over the 10,000-task bound), without harm.
+pub async fn assert_a_flood_hello_is_refused(node_url: &str) {
+    let mut flood = hello("node-flood");
+    flood.running_tasks = (0..100_000)
+        .map(|task| running(&format!("run-{task}"), "exec"))
+        .collect();
+    let refused = open_attach(node_url, Some(JOIN_TOKEN), vec![hello_request(flood)])
+        .await
+        .map(|(_sender, mut responses)| async move { responses.message().await });
+    match refused {
+        Err(status) => assert_ne!(status.code(), tonic::Code::Ok),
+        Ok(next) => assert!(next.await.is_err(), "the flood hello must be refused"),
+    }
+}
