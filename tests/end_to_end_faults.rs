@@ -255,7 +255,13 @@ async fn hostile_input_against_a_gateway_process_loses_nothing_and_keeps_memory_
         WorkerMessage::completed("run-during-flood")
     );
     assert_eq!(node.expect_ack().await.task_id, "run-during-flood");
-    let ended: Vec<tonic::Code> = flood.join_all().await.into_iter().flatten().collect();
+    // Each stream ends at the gateway's 10 s hello timeout; a minute is a generous bound.
+    let ended: Vec<tonic::Code> = tokio::time::timeout(RUN_TIMEOUT, flood.join_all())
+        .await
+        .expect("the gateway to end every stream that never said hello")
+        .into_iter()
+        .flatten()
+        .collect();
     assert_eq!(ended.len(), 2_000);
     assert!(
         ended.iter().all(|code| *code != tonic::Code::Ok),
