@@ -295,15 +295,5 @@ fn a_killed_agent_re_adopts_its_job_and_reports_once() {
 #[test]
 fn dev_runs_the_demos_as_jobs() {
     cluster_dir();
-    let (stdout, log) = common::run_dev_demos_logging(&["--backend", "kubernetes"], "trace");
-    common::assert_no_credentials(&log, "ozfleet-dev-key");
-    assert!(stdout.contains("Kubernetes backend"), "{stdout}");
-    assert!(
-        stdout.contains("All demo runs ended as expected."),
-        "{stdout}"
-    );
-    assert!(
-        stdout.contains("failure_reason = \"container_exit\", exit_code = 3"),
-        "{stdout}"
-    );
+    common::assert_dev_demos_pass("kubernetes", "Kubernetes backend");
 }

@@ -19,6 +19,19 @@ fn path(path: &Path) -> &str {
     path.to_str().unwrap()
 }
 
+/// A node agent's TLS flags: the gateway's CA, and the certificate `ozfleet certs node`
+/// made for `node_id` in `certs`.
+fn node_tls_args(ca: &Path, certs: &Path, node_id: &str) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        path(ca).into(),
+        "--tls-cert".into(),
+        path(&certs.join(format!("node-{node_id}.pem"))).into(),
+        "--tls-key".into(),
+        path(&certs.join(format!("node-{node_id}-key.pem"))).into(),
+    ]
+}
+
 /// What one attach attempt of a hand-made gRPC client got.
 #[derive(Debug)]
 enum Attempt {
@@ -161,14 +174,10 @@ fn only_a_node_with_its_own_certificate_from_the_fleet_ca_gets_tasks() {
     let other_ca = stack.tls_agent(
         "other-ca",
         &gateway_url,
-        &[
-            "--tls-ca",
-            path(&ca),
-            "--tls-cert",
-            path(&rogue_certs.join("node-node-good.pem")),
-            "--tls-key",
-            path(&rogue_certs.join("node-node-good-key.pem")),
-        ],
+        &node_tls_args(&ca, &rogue_certs, "node-good")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &token,
     );
     wait_until(
@@ -184,14 +193,10 @@ fn only_a_node_with_its_own_certificate_from_the_fleet_ca_gets_tasks() {
     let impostor = stack.tls_agent(
         "impostor",
         &gateway_url,
-        &[
-            "--tls-ca",
-            path(&ca),
-            "--tls-cert",
-            path(&certs.join("node-node-other.pem")),
-            "--tls-key",
-            path(&certs.join("node-node-other-key.pem")),
-        ],
+        &node_tls_args(&ca, &certs, "node-other")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &token,
     );
     impostor.wait_for_log("but --tls-cert", LOG_TIMEOUT);
@@ -231,14 +236,10 @@ fn only_a_node_with_its_own_certificate_from_the_fleet_ca_gets_tasks() {
     let wrong_token = stack.tls_agent(
         "wrong-token",
         &gateway_url,
-        &[
-            "--tls-ca",
-            path(&ca),
-            "--tls-cert",
-            path(&certs.join("node-node-good.pem")),
-            "--tls-key",
-            path(&certs.join("node-node-good-key.pem")),
-        ],
+        &node_tls_args(&ca, &certs, "node-good")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &[("OZFLEET_JOIN_TOKEN", "not-the-join-token")],
     );
     wrong_token.wait_for_log("invalid join token", LOG_TIMEOUT);
@@ -255,14 +256,10 @@ fn only_a_node_with_its_own_certificate_from_the_fleet_ca_gets_tasks() {
     let good = stack.tls_agent(
         "good",
         &gateway_url,
-        &[
-            "--tls-ca",
-            path(&ca),
-            "--tls-cert",
-            path(&certs.join("node-node-good.pem")),
-            "--tls-key",
-            path(&certs.join("node-node-good-key.pem")),
-        ],
+        &node_tls_args(&ca, &certs, "node-good")
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
         &token,
     );
     wait_until(LOG_TIMEOUT, "the good node to attach", || {

@@ -68,6 +68,23 @@ pub fn run_dev_demos_logging(extra: &[&str], rust_log: &str) -> (String, String)
     (stdout, String::from_utf8_lossy(&output.stderr).into_owned())
 }
 
+/// Runs `ozfleet dev --backend <backend>` through its demos at trace level and asserts they
+/// all ended as expected (the failing demo with its exit code) and that the log holds no
+/// credential; `banner` is how dev names the backend.
+pub fn assert_dev_demos_pass(backend: &str, banner: &str) {
+    let (stdout, log) = run_dev_demos_logging(&["--backend", backend], "trace");
+    assert_no_credentials(&log, "ozfleet-dev-key");
+    assert!(stdout.contains(banner), "{stdout}");
+    assert!(
+        stdout.contains("All demo runs ended as expected."),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("failure_reason = \"container_exit\", exit_code = 3"),
+        "{stdout}"
+    );
+}
+
 /// Asserts that a log holds no credential of a demo run: no task `env_vars` (the run
 /// tokens sent as `WARP_API_KEY`), no bearer header, no API key.
 pub fn assert_no_credentials(log: &str, api_key: &str) {

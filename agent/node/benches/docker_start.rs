@@ -52,11 +52,7 @@ const SETTLE: Duration = Duration::from_millis(300);
 
 #[tokio::main]
 async fn main() {
-    let iterations: usize = std::env::var("OZFLEET_BENCH_ITERATIONS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(10);
+    let iterations = comparison::iterations();
     let cli = std::env::var("OZFLEET_BENCH_DOCKER_CLI").unwrap_or_else(|_| "docker".to_owned());
     let network = std::env::var("OZFLEET_BENCH_NETWORK").unwrap_or_else(|_| "none".to_owned());
     let network = (network != "default").then_some(network);

@@ -55,11 +55,7 @@ const LABEL_PATHS: [&str; 2] = ["/metadata/labels", "/spec/template/metadata/lab
 
 #[tokio::main]
 async fn main() {
-    let iterations: usize = std::env::var("OZFLEET_BENCH_ITERATIONS")
-        .ok()
-        .and_then(|value| value.parse().ok())
-        .filter(|&n| n > 0)
-        .unwrap_or(10);
+    let iterations = comparison::iterations();
     let kubectl = std::env::var("OZFLEET_BENCH_KUBECTL").unwrap_or_else(|_| "kubectl".to_owned());
     let kubeconfig = cluster_dir().join("agent-kubeconfig");
     let kubectl_version = tokio::process::Command::new(&kubectl)

@@ -1,5 +1,7 @@
 //! What a task runs in: its image (spec §3.3) and its sidecars (spec §3.4).
 
+use std::collections::HashSet;
+
 use ozfleet_proto::oz::{SidecarMount, TaskAssignment};
 use tracing::warn;
 
@@ -25,6 +27,40 @@ pub fn task_image(assignment: &TaskAssignment) -> String {
         );
     }
     FALLBACK_IMAGE.to_owned()
+}
+
+/// The checks every backend makes of a task's sidecars, with the reference's texts; each
+/// backend calls them in its own order among its own checks.
+#[derive(Default)]
+pub struct SidecarChecks<'a> {
+    mount_paths: HashSet<&'a str>,
+}
+
+impl<'a> SidecarChecks<'a> {
+    /// An image and a mount path are required.
+    pub fn required_fields(sidecar: &SidecarMount) -> Result<(), String> {
+        if sidecar.image.trim().is_empty() {
+            return Err("additional sidecar has empty image".to_owned());
+        }
+        if sidecar.mount_path.trim().is_empty() {
+            return Err(format!(
+                "additional sidecar {} has empty mount path",
+                sidecar.image
+            ));
+        }
+        Ok(())
+    }
+
+    /// No two sidecars share a mount path.
+    pub fn unique_mount_path(&mut self, sidecar: &'a SidecarMount) -> Result<(), String> {
+        if !self.mount_paths.insert(sidecar.mount_path.as_str()) {
+            return Err(format!(
+                "duplicate mount path {} for additional sidecar {}",
+                sidecar.mount_path, sidecar.image
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// `sidecar_image` at `/agent` (read-only) when Oz sends one, then `additional_sidecars`.

@@ -3,6 +3,15 @@
 
 use std::time::Duration;
 
+/// Runs per side: `OZFLEET_BENCH_ITERATIONS`, default 10.
+pub fn iterations() -> usize {
+    std::env::var("OZFLEET_BENCH_ITERATIONS")
+        .ok()
+        .and_then(|value| value.parse().ok())
+        .filter(|&n| n > 0)
+        .unwrap_or(10)
+}
+
 /// Prints the medians, p90s and the ratio ours/cli (target ≤ 1.0).
 pub fn report(ours: &[Duration], cli: &[Duration]) {
     let (ours_median, ours_p90) = (percentile(ours, 50), percentile(ours, 90));

@@ -25,10 +25,11 @@
 //!   concurrent tasks do not fill one volume twice at the same time. (Agents in other
 //!   processes on the same daemon are not coordinated with.)
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use crate::images::SidecarChecks;
 use bollard::models::{BollardDate, ContainerCreateBody, HostConfig, VolumeCreateRequest};
 use bollard::query_parameters::{
     ContainerArchiveInfoOptions, CreateContainerOptions, ListContainersOptions,
@@ -79,25 +80,12 @@ pub(super) struct Sidecar {
 
 /// Rejects empty images, empty mount paths and duplicate mount paths (reference texts).
 pub(super) fn validate(sidecars: &[SidecarMount]) -> Result<Vec<Sidecar>, String> {
-    let mut seen = HashSet::new();
+    let mut checks = SidecarChecks::default();
     sidecars
         .iter()
         .map(|sidecar| {
-            if sidecar.image.trim().is_empty() {
-                return Err("additional sidecar has empty image".to_owned());
-            }
-            if sidecar.mount_path.trim().is_empty() {
-                return Err(format!(
-                    "additional sidecar {} has empty mount path",
-                    sidecar.image
-                ));
-            }
-            if !seen.insert(sidecar.mount_path.as_str()) {
-                return Err(format!(
-                    "duplicate mount path {} for additional sidecar {}",
-                    sidecar.mount_path, sidecar.image
-                ));
-            }
+            SidecarChecks::required_fields(sidecar)?;
+            checks.unique_mount_path(sidecar)?;
             Ok(Sidecar {
                 image: sidecar.image.clone(),
                 mount_path: sidecar.mount_path.clone(),

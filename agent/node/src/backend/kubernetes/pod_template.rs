@@ -2,7 +2,7 @@
 //! volumes, the setup init container, the `task` container with its wrapper, env,
 //! teardown hook and instance shape, merged into the operator's `pod_template`.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Container, EmptyDirVolumeSource, EnvVar, ExecAction, ImageVolumeSource, Lifecycle,
@@ -13,6 +13,7 @@ use ozfleet_proto::oz::{InstanceShape, SidecarMount};
 use secrecy::ExposeSecret as _;
 
 use crate::backend::TaskEnv;
+use crate::images::SidecarChecks;
 
 /// Name of the worker's main container (a template container of that name is patched).
 pub const TASK_CONTAINER: &str = "task";
@@ -124,29 +125,16 @@ pub fn apply_sidecar_overrides(
 /// Rejects what cannot be mounted (reason `sidecar_prep`): empty image or mount path,
 /// `/workspace`, duplicate mount paths, and read-write image volumes.
 pub fn validate_sidecars(sidecars: &[SidecarMount], use_image_volumes: bool) -> Result<(), String> {
-    let mut seen = HashSet::new();
+    let mut checks = SidecarChecks::default();
     for sidecar in sidecars {
-        if sidecar.image.trim().is_empty() {
-            return Err("additional sidecar has empty image".to_owned());
-        }
-        if sidecar.mount_path.trim().is_empty() {
-            return Err(format!(
-                "additional sidecar {} has empty mount path",
-                sidecar.image
-            ));
-        }
+        SidecarChecks::required_fields(sidecar)?;
         if sidecar.mount_path.trim_end_matches('/') == WORKSPACE_PATH {
             return Err(format!(
                 "sidecar {} cannot be mounted at reserved path {WORKSPACE_PATH}",
                 sidecar.image
             ));
         }
-        if !seen.insert(sidecar.mount_path.as_str()) {
-            return Err(format!(
-                "duplicate mount path {} for additional sidecar {}",
-                sidecar.mount_path, sidecar.image
-            ));
-        }
+        checks.unique_mount_path(sidecar)?;
         if use_image_volumes && sidecar.read_write {
             return Err(format!(
                 "sidecar {} at {} requests read_write, but image volumes are read-only",
