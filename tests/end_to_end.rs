@@ -148,6 +148,35 @@ fn runs_survive_a_control_plane_restart() {
 }
 
 #[test]
+fn dev_on_port_0_serves_and_reports_the_port_it_got() {
+    let output = Command::new(common::ozfleet())
+        .args(["dev", "--exit-after-demo", "--listen", "127.0.0.1:0"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run ozfleet dev");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let control_plane = stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("control plane  http://127.0.0.1:"))
+        .expect("the control plane's address");
+    let port: u16 = control_plane
+        .split_whitespace()
+        .next()
+        .and_then(|port| port.parse().ok())
+        .expect("a port number");
+    assert_ne!(port, 0, "{stdout}");
+    assert!(
+        stdout.contains("All demo runs ended as expected."),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn dev_runs_the_three_demos_to_their_expected_ends() {
     let stdout = common::run_dev_demos(&[]);
     assert!(

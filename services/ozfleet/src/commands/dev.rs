@@ -42,6 +42,8 @@ struct Stack {
     control_plane: Part,
     gateway: Part,
     agent: Part,
+    /// Where the control plane serves (`--listen`, its port resolved when it was 0).
+    control_plane_address: SocketAddr,
     /// Where the gateway serves the admin API.
     admin_address: SocketAddr,
 }
@@ -82,7 +84,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         .context("cannot create a working directory")?;
     let demo_agent = install_demo_agent(workdir.path())?;
     let stack = start(&args, workdir.path(), &demo_agent).await?;
-    let base_url = format!("http://{}", args.listen);
+    let base_url = format!("http://{}", stack.control_plane_address);
     let api = Api::new(&base_url);
 
     println!("ozfleet dev stack is up:");
@@ -112,12 +114,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!("  working dir    {}", workdir.path().display());
     println!();
 
-    let demos_ok = tokio::select! {
-        result = run_demos(&api, args.backend) => result?,
-        () = shutdown.cancelled() => false,
+    let demos = tokio::select! {
+        result = run_demos(&api, args.backend) => result,
+        () = shutdown.cancelled() => Ok(false),
     };
 
-    if !args.exit_after_demo && !shutdown.is_cancelled() {
+    if demos.is_ok() && !args.exit_after_demo && !shutdown.is_cancelled() {
         print_examples(&base_url, stack.admin_address);
         shutdown.cancelled().await;
     }
@@ -125,7 +127,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     stack.agent.stop("node agent").await;
     stack.gateway.stop("gateway").await;
     stack.control_plane.stop("control plane").await;
-    Ok(if demos_ok {
+    // Reported only now: the working dir goes when this returns, after the stack stopped.
+    Ok(if demos? {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -148,6 +151,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
             args.listen
         )
     })?;
+    let control_plane_address = http_listener.local_addr()?;
     let node_listener = crate::runtime::listen(SocketAddr::from(([127, 0, 0, 1], 0)))?;
     let gateway_address = node_listener.local_addr()?;
     let admin_listener = crate::runtime::listen(args.admin_listen).with_context(|| {
@@ -178,7 +182,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
 
     let gateway_config = GatewayConfig {
         upstream: UpstreamConfig {
-            web_socket_url: format!("ws://{}{WORKER_WEB_SOCKET_PATH}", args.listen),
+            web_socket_url: format!("ws://{control_plane_address}{WORKER_WEB_SOCKET_PATH}"),
             api_key: API_KEY.into(),
             worker_id: WORKER_ID.into(),
             keepalive: Keepalive::default(),
@@ -186,7 +190,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
             proxy: ProxyEnv::default(),
         },
         settings: UpstreamSettings {
-            server_root_url: format!("http://{}", args.listen),
+            server_root_url: format!("http://{control_plane_address}"),
             idle_on_complete: String::new(),
             session_sharing_server_url: String::new(),
             worker_id: WORKER_ID.into(),
@@ -262,6 +266,7 @@ async fn start(args: &DevArgs, workdir: &Path, demo_agent: &Path) -> anyhow::Res
         control_plane,
         gateway,
         agent,
+        control_plane_address,
         admin_address,
     })
 }
