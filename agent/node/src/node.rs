@@ -65,6 +65,17 @@ pub fn reattach_spread() -> Duration {
     use rand::Rng as _;
     rand::rng().random_range(Duration::ZERO..REATTACH_SPREAD)
 }
+/// A node pings the gateway after this long at most without hearing from it, and gives up
+/// on a ping unanswered for this long.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
+/// This process's ping interval, uniform in `[3/4 × KEEPALIVE, KEEPALIVE]`: nodes that
+/// attached together (after a gateway restart) do not ping the gateway in the same second
+/// every 20 s; different intervals drift apart.
+fn keepalive_interval() -> Duration {
+    use rand::Rng as _;
+    rand::rng().random_range(KEEPALIVE.mul_f64(0.75)..=KEEPALIVE)
+}
 /// How long shutdown waits for the gateway to acknowledge the last outcomes.
 const ACK_WAIT: Duration = Duration::from_secs(3);
 const BACKEND_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -146,8 +157,8 @@ impl GrpcConnector {
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
             .tcp_keepalive(Some(Duration::from_secs(30)))
-            .http2_keep_alive_interval(Duration::from_secs(20))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .http2_keep_alive_interval(keepalive_interval())
+            .keep_alive_timeout(KEEPALIVE);
         join_token.as_ref().map(bearer).transpose()?;
         Ok(Self {
             endpoint,

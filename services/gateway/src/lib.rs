@@ -13,6 +13,7 @@ pub mod fleet;
 mod memory;
 pub mod metrics;
 pub mod node_api;
+mod node_server;
 pub mod outbox;
 pub mod proxy;
 pub mod tls;
@@ -340,30 +341,33 @@ async fn serve(
         "Gateway listening for node agents on {node_address}, for operators on {admin_address}"
     );
     let (reflection, reflection_v1alpha) = reflection_services()?;
-    let node_router = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(config.timings.node_keepalive))
-        .http2_keepalive_timeout(Some(config.timings.node_keepalive))
-        // A node needs one stream (plus health and reflection for operators) and sends
-        // little: small windows bound what one connection may buffer (hyper's defaults
-        // are 1 MB each, per node).
-        .max_concurrent_streams(NODE_MAX_STREAMS)
-        .initial_stream_window_size(NODE_STREAM_WINDOW)
-        .initial_connection_window_size(NODE_CONNECTION_WINDOW)
-        .add_service(node_health)
+    let node_routes = tonic::service::Routes::new(node_health)
         .add_service(reflection)
         .add_service(reflection_v1alpha)
         .add_service(node_api);
-    let serve_nodes: futures::future::BoxFuture<'static, Result<(), tonic::transport::Error>> =
-        match &node_tls {
-            Some(node_tls) => Box::pin(node_router.serve_with_incoming_shutdown(
-                node_tls.incoming(listeners.node),
-                server_stop.clone().cancelled_owned(),
-            )),
-            None => Box::pin(node_router.serve_with_incoming_shutdown(
-                nodelay(TcpListenerStream::new(listeners.node)),
-                server_stop.clone().cancelled_owned(),
-            )),
-        };
+    // A node needs one stream (plus health and reflection for operators) and sends
+    // little: small windows bound what one connection may buffer (hyper's defaults are
+    // 1 MB each, per node).
+    let node_connections = node_server::NodeConnectionSettings {
+        keepalive: config.timings.node_keepalive,
+        max_concurrent_streams: NODE_MAX_STREAMS,
+        stream_window: NODE_STREAM_WINDOW,
+        connection_window: NODE_CONNECTION_WINDOW,
+    };
+    let serve_nodes: futures::future::BoxFuture<'static, ()> = match &node_tls {
+        Some(node_tls) => Box::pin(node_server::serve(
+            node_tls.incoming(listeners.node),
+            node_routes,
+            node_connections,
+            server_stop.clone(),
+        )),
+        None => Box::pin(node_server::serve(
+            nodelay(TcpListenerStream::new(listeners.node)),
+            node_routes,
+            node_connections,
+            server_stop.clone(),
+        )),
+    };
     let (reflection, reflection_v1alpha) = reflection_services()?;
     let serve_admin = tonic::transport::Server::builder()
         .add_service(admin_health)
@@ -375,7 +379,10 @@ async fn serve(
             server_stop.clone().cancelled_owned(),
         );
     let mut servers = JoinSet::new();
-    servers.spawn(async move { serve_nodes.await.map_err(GatewayError::from) });
+    servers.spawn(async move {
+        serve_nodes.await;
+        Ok(())
+    });
     servers.spawn(async move { serve_admin.await.map_err(GatewayError::from) });
     let background_stop = CancellationToken::new();
     let mut background = JoinSet::new();

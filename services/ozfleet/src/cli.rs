@@ -200,8 +200,10 @@ pub struct GatewayArgs {
     /// before the tasks it runs are reported failed to Oz. A node back in time keeps them.
     #[arg(long, value_name = "DURATION", default_value = "60s", value_parser = positive_duration)]
     pub node_lost_timeout: Duration,
-    /// HTTP/2 ping interval on node connections; a node that leaves a ping unanswered as
-    /// long again is taken as gone (a host that lost power, a firewall dropping the flow).
+    /// HTTP/2 ping interval on node connections (each connection pings after its own
+    /// 75–100 % of it without hearing from the node, so a fleet's pings spread out); a
+    /// node that leaves a ping unanswered this long is taken as gone (a host that lost
+    /// power, a firewall dropping the flow).
     #[arg(long, value_name = "DURATION", default_value = "20s", value_parser = positive_duration)]
     pub node_keepalive: Duration,
     /// Address of the admin API (grpcurl, `ozfleet status`), health and reflection. Off

@@ -41,6 +41,8 @@ fn log_filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
 
 /// Log lines that may wait for the writer thread before logging blocks.
 const LOG_QUEUE_LINES: usize = 16 * 1024;
+/// Bytes of log lines gathered into one write to stderr.
+const LOG_WRITE_BUFFER: usize = 64 * 1024;
 
 /// Logs to stderr at `level` (`json`: one JSON object per line); `RUST_LOG`, when set,
 /// takes precedence. Lines are written
@@ -57,7 +59,12 @@ pub fn init_logging(level: &str, json: bool) -> tracing_appender::non_blocking::
         .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(false)
         .thread_name("ozfleet-log")
-        .finish(std::io::stderr());
+        // The writer thread flushes once it has written every queued line: one write(2)
+        // for a burst of lines instead of one per line (stderr itself is unbuffered).
+        .finish(std::io::BufWriter::with_capacity(
+            LOG_WRITE_BUFFER,
+            std::io::stderr(),
+        ));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
