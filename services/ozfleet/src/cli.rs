@@ -417,7 +417,13 @@ pub fn main() -> ExitCode {
         | Command::Certs(_) => LogLevel::Error,
     };
     let _log_guard =
-        crate::runtime::init_logging(log_level.as_str(), cli.log_format == LogFormat::Json);
+        match crate::runtime::init_logging(log_level.as_str(), cli.log_format == LogFormat::Json) {
+            Ok(guard) => guard,
+            Err(error) => {
+                eprintln!("ozfleet: cannot start the log writer thread: {error}");
+                return ExitCode::FAILURE;
+            }
+        };
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {

@@ -3,6 +3,7 @@
 mod cli;
 mod commands;
 mod demo_agent;
+mod log_writer;
 mod runtime;
 mod task_shim;
 

@@ -39,32 +39,15 @@ fn log_filter(rust_log: Option<&str>, level: &str) -> EnvFilter {
     filter
 }
 
-/// Log lines that may wait for the writer thread before logging blocks.
-const LOG_QUEUE_LINES: usize = 16 * 1024;
-/// Bytes of log lines gathered into one write to stderr.
-const LOG_WRITE_BUFFER: usize = 64 * 1024;
-
 /// Logs to stderr at `level` (`json`: one JSON object per line); `RUST_LOG`, when set,
-/// takes precedence. Lines are written
-/// by a dedicated thread, never by the task that logs (which may hold the fleet lock), so
-/// a slow terminal or disk does not stall dispatch. Keep the returned guard for the life
-/// of the process: dropping it flushes what is still queued.
-#[must_use = "dropping the guard stops logging; keep it until the process ends"]
-pub fn init_logging(level: &str, json: bool) -> tracing_appender::non_blocking::WorkerGuard {
+/// takes precedence. Lines are written by a dedicated thread
+/// ([`crate::log_writer`]), never by the task that logs (which may hold the fleet lock),
+/// so a slow terminal or disk does not stall dispatch. Keep the returned guard for the
+/// life of the process: dropping it writes what is still queued.
+pub fn init_logging(level: &str, json: bool) -> std::io::Result<crate::log_writer::WriterGuard> {
     let rust_log = std::env::var("RUST_LOG").ok();
     let filter = log_filter(rust_log.as_deref(), level);
-    // Not lossy: when the queue is full, logging waits rather than drops. The queue is
-    // allocated up front (~32 bytes a line): the default 128k lines cost 4 MB of RSS.
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(LOG_QUEUE_LINES)
-        .lossy(false)
-        .thread_name("ozfleet-log")
-        // The writer thread flushes once it has written every queued line: one write(2)
-        // for a burst of lines instead of one per line (stderr itself is unbuffered).
-        .finish(std::io::BufWriter::with_capacity(
-            LOG_WRITE_BUFFER,
-            std::io::stderr(),
-        ));
+    let (writer, guard) = crate::log_writer::batched(std::io::stderr())?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer)
@@ -76,7 +59,7 @@ pub fn init_logging(level: &str, json: bool) -> tracing_appender::non_blocking::
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
             .init();
     }
-    guard
+    Ok(guard)
 }
 
 /// How many connections may wait to be accepted. The default of `TcpListener::bind`
