@@ -4,6 +4,7 @@
 //! oldest entries past their limits.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher as _, RandomState};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -68,14 +69,35 @@ impl Task {
     }
 }
 
-/// An execution the gateway is done with, and the node it was given to (if any).
+/// An execution (task id, execution id).
 type ExecutionKey = (String, String);
+
+/// A remembered execution's identity: two keyed 64-bit hashes of (task id, execution id).
+/// 16 bytes instead of two strings stored twice (~300 bytes an entry; the finished memory
+/// is 10,000 entries). The keys are random per process, so ids cannot be crafted to
+/// collide; by chance, two of 10,000 executions collide with a probability of ~10^-31.
+type Fingerprint = u128;
+
+#[derive(Default)]
+struct Fingerprints {
+    high: RandomState,
+    low: RandomState,
+}
+
+impl Fingerprints {
+    fn of(&self, task_id: &str, execution_id: &str) -> Fingerprint {
+        let execution = (task_id, execution_id);
+        (u128::from(self.high.hash_one(execution)) << 64) | u128::from(self.low.hash_one(execution))
+    }
+}
 
 #[derive(Default)]
 pub struct TaskLedger {
     pub tasks: HashMap<String, Task>,
-    finished: HashMap<ExecutionKey, Option<Arc<str>>>,
-    finished_order: VecDeque<ExecutionKey>,
+    fingerprints: Fingerprints,
+    /// Executions the gateway is done with, and the node each was given to (if any).
+    finished: HashMap<Fingerprint, Option<Arc<str>>>,
+    finished_order: VecDeque<Fingerprint>,
     /// Relayed outcomes still waiting in the outbox; acknowledged once written.
     unsent_outcomes: HashSet<ExecutionKey>,
     /// Cancellations Oz sent for tasks not (yet) known here, e.g. while nodes were still
@@ -98,8 +120,8 @@ impl TaskLedger {
         execution_id: &str,
         node_id: Option<Arc<str>>,
     ) {
-        let key = (task_id.to_owned(), execution_id.to_owned());
-        if self.finished.insert(key.clone(), node_id).is_none() {
+        let key = self.fingerprints.of(task_id, execution_id);
+        if self.finished.insert(key, node_id).is_none() {
             self.finished_order.push_back(key);
         }
         while self.finished_order.len() > FINISHED_MEMORY {
@@ -111,13 +133,13 @@ impl TaskLedger {
 
     pub fn is_finished(&self, task_id: &str, execution_id: &str) -> bool {
         self.finished
-            .contains_key(&(task_id.to_owned(), execution_id.to_owned()))
+            .contains_key(&self.fingerprints.of(task_id, execution_id))
     }
 
     /// Whether the execution, now finished, had been given to `node_id`.
     pub fn was_given_to(&self, task_id: &str, execution_id: &str, node_id: &str) -> bool {
         self.finished
-            .get(&(task_id.to_owned(), execution_id.to_owned()))
+            .get(&self.fingerprints.of(task_id, execution_id))
             .is_some_and(|owner| owner.as_deref() == Some(node_id))
     }
 
@@ -195,6 +217,10 @@ mod tests {
         ledger.remember_finished("t0", "e0", Some(node.clone()));
         assert!(ledger.was_given_to("t0", "e0", "node-a"));
         assert!(!ledger.was_given_to("t0", "e0", "node-b"));
+        // Another execution of the task, or the same characters split differently, is
+        // another execution.
+        assert!(!ledger.is_finished("t0", "e1"));
+        assert!(!ledger.is_finished("t0e", "0"));
         for i in 1..=FINISHED_MEMORY {
             ledger.remember_finished(&format!("t{i}"), "e", None);
         }
