@@ -920,6 +920,22 @@ mod tests {
     }
 
     #[test]
+    fn nodes_ping_after_their_own_interval_in_the_last_quarter_of_the_keepalive() {
+        let drawn: Vec<Duration> = (0..1_000).map(|_| keepalive_interval()).collect();
+        assert!(
+            drawn
+                .iter()
+                .all(|interval| (KEEPALIVE.mul_f64(0.75)..=KEEPALIVE).contains(interval))
+        );
+        let distinct: std::collections::HashSet<_> = drawn.iter().collect();
+        assert!(
+            distinct.len() > 900,
+            "{} distinct intervals of 1,000",
+            distinct.len()
+        );
+    }
+
+    #[test]
     fn success_is_success_whatever_the_source() {
         assert_eq!(
             outcome_result(Ok(()), None),
