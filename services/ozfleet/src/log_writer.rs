@@ -254,7 +254,12 @@ mod tests {
             let batch = writer.shared.lock();
             batch.lines.len() + line.len() + 1 > BATCH_LIMIT
         };
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
         while !waiting() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the logger never filled the batch"
+            );
             std::thread::yield_now();
         }
         assert!(!logger.is_finished());

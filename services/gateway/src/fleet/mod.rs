@@ -293,7 +293,6 @@ impl Fleet {
         self.events.subscribe()
     }
 
-    /// Nodes (attached, or away within the grace) and the tasks they hold.
     /// Whether the gateway can take work: connected to Oz, with a node attached. Cheap
     /// (no snapshot): readiness is re-read on every attach and detach, and a snapshot per
     /// attach would cost O(nodes²) while a whole fleet re-attaches.
@@ -329,6 +328,7 @@ impl Fleet {
         }
     }
 
+    /// Nodes (attached, or away within the grace) and the tasks they hold.
     pub fn snapshot(&self) -> FleetSnapshot {
         let state = self.lock();
         let mut nodes: Vec<NodeSnapshot> = state
