@@ -10,7 +10,6 @@
 
 pub mod admin;
 pub mod fleet;
-mod memory;
 pub mod metrics;
 pub mod node_api;
 mod node_server;
@@ -403,10 +402,6 @@ async fn serve(
         let stop = background_stop.clone();
         async move { fleet.run_deadlines(stop).await }
     });
-    background.spawn(memory::trim_when_idle(
-        fleet.clone(),
-        background_stop.clone(),
-    ));
     background.spawn(admin::track_readiness(
         fleet.clone(),
         health,

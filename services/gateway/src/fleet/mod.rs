@@ -35,7 +35,6 @@ mod registry;
 mod tests;
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime};
 
@@ -137,9 +136,6 @@ pub struct Fleet {
     /// sleeps for.
     deadline_scheduled: Notify,
     events: broadcast::Sender<FleetEvent>,
-    /// Transitions applied so far: how the memory trimmer tells a busy fleet from an idle
-    /// one without taking the lock.
-    transitions: AtomicU64,
 }
 
 /// Sees every event as it happens, under the fleet's lock: it must be quick and must not
@@ -242,7 +238,6 @@ impl Fleet {
             }),
             deadline_scheduled: Notify::new(),
             events,
-            transitions: AtomicU64::new(0),
         })
     }
 
@@ -263,17 +258,10 @@ impl Fleet {
         let result = transition(&mut state);
         let wake = std::mem::take(&mut state.deadline_added);
         drop(state);
-        self.transitions.fetch_add(1, Ordering::Relaxed);
         if wake {
             self.deadline_scheduled.notify_one();
         }
         result
-    }
-
-    /// Transitions applied so far (assignments, answers, outcomes, attaches, deadlines):
-    /// unchanged between two reads means nothing happened in between.
-    pub fn transitions(&self) -> u64 {
-        self.transitions.load(Ordering::Relaxed)
     }
 
     /// Records one `oz_worker.task` span per task from now on, its context carried to the
