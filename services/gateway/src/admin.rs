@@ -492,7 +492,7 @@ pub async fn track_readiness(fleet: Arc<Fleet>, health: HealthReporter, stop: Ca
     health
         .set_service_status(LIVENESS_SERVICE, ServingStatus::Serving)
         .await;
-    let mut events = fleet.subscribe();
+    let mut inputs = fleet.readiness_inputs();
     let mut shown = None;
     loop {
         let ready = fleet.is_ready();
@@ -505,24 +505,9 @@ pub async fn track_readiness(fleet: Arc<Fleet>, health: HealthReporter, stop: Ca
             health.set_service_status(READINESS_SERVICE, status).await;
             shown = Some(ready);
         }
-        // Only these events change readiness; a lag means "re-read", which the loop does.
-        loop {
-            let received = tokio::select! {
-                received = events.recv() => received,
-                () = stop.cancelled() => return,
-            };
-            match received {
-                Ok(
-                    FleetEvent::UpstreamConnected
-                    | FleetEvent::UpstreamDisconnected
-                    | FleetEvent::NodeAttached { .. }
-                    | FleetEvent::NodeDetached { .. }
-                    | FleetEvent::NodeForgotten { .. },
-                )
-                | Err(RecvError::Lagged(_)) => break,
-                Ok(_) => continue,
-                Err(RecvError::Closed) => return,
-            }
+        tokio::select! {
+            changed = inputs.changed() => if changed.is_err() { return },
+            () = stop.cancelled() => return,
         }
     }
 }

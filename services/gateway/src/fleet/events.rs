@@ -132,6 +132,21 @@ pub enum FleetEvent {
     },
 }
 
+impl FleetEvent {
+    /// Whether [`super::Fleet::is_ready`] (upstream connected, a node connected) may differ
+    /// after this event.
+    pub fn may_change_readiness(&self) -> bool {
+        matches!(
+            self,
+            Self::UpstreamConnected
+                | Self::UpstreamDisconnected
+                | Self::NodeAttached { .. }
+                | Self::NodeDetached { .. }
+                | Self::NodeForgotten { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum NodeState {
     Ready,

@@ -47,7 +47,7 @@ use ozfleet_proto::v1::{
     attach_response,
 };
 use ozfleet_telemetry::task_span::{TaskEnd, end_task_span};
-use tokio::sync::{Notify, broadcast};
+use tokio::sync::{Notify, broadcast, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
@@ -136,6 +136,7 @@ pub struct Fleet {
     /// sleeps for.
     deadline_scheduled: Notify,
     events: broadcast::Sender<FleetEvent>,
+    readiness_inputs: watch::Sender<()>,
 }
 
 /// Sees every event as it happens, under the fleet's lock: it must be quick and must not
@@ -156,6 +157,9 @@ struct FleetState {
     deadline_added: bool,
     outbox: Arc<Outbox>,
     events: broadcast::Sender<FleetEvent>,
+    /// Marked changed by the events that can change [`Fleet::is_ready`] only, so whoever
+    /// follows readiness is not woken by every task's events.
+    readiness_inputs: watch::Sender<()>,
     settings: UpstreamSettings,
     timings: FleetTimings,
     /// Traces one span per task when set ([`Fleet::trace_with`]).
@@ -210,6 +214,7 @@ impl Fleet {
             );
         }
         let (events, _) = broadcast::channel(EVENT_BUFFER);
+        let (readiness_inputs, _) = watch::channel(());
         Arc::new(Self {
             state: Mutex::new(FleetState {
                 observers: Vec::new(),
@@ -228,6 +233,7 @@ impl Fleet {
                 deadline_added: false,
                 outbox,
                 events: events.clone(),
+                readiness_inputs: readiness_inputs.clone(),
                 settings,
                 timings,
                 tracer: None,
@@ -238,6 +244,7 @@ impl Fleet {
             }),
             deadline_scheduled: Notify::new(),
             events,
+            readiness_inputs,
         })
     }
 
@@ -279,6 +286,12 @@ impl Fleet {
     /// behind misses some and is told so (`Lagged`).
     pub fn subscribe(&self) -> broadcast::Receiver<FleetEvent> {
         self.events.subscribe()
+    }
+
+    /// Changes whenever [`Fleet::is_ready`] may have changed (the upstream connected or
+    /// lost, a node attached, detached or forgotten); never for task events.
+    pub fn readiness_inputs(&self) -> watch::Receiver<()> {
+        self.readiness_inputs.subscribe()
     }
 
     /// Whether the gateway can take work: connected to Oz, with a node attached. Cheap
@@ -626,6 +639,9 @@ impl FleetState {
     fn emit(&self, event: FleetEvent) {
         for observer in &self.observers {
             observer(&event);
+        }
+        if event.may_change_readiness() {
+            self.readiness_inputs.send_replace(());
         }
         // No subscriber is fine: events are for whoever listens.
         let _ = self.events.send(event);

@@ -1423,6 +1423,30 @@ fn assert_readings_match_snapshot(fleet: &Fleet) {
 }
 
 #[tokio::test(start_paused = true)]
+async fn readiness_inputs_change_with_the_upstream_and_nodes_never_with_tasks() {
+    let h = Harness::new();
+    let mut inputs = h.fleet.readiness_inputs();
+    let mut changed = || {
+        let changed = inputs.has_changed().unwrap();
+        inputs.mark_unchanged();
+        changed
+    };
+    h.fleet.set_upstream_connected(true);
+    assert!(changed(), "upstream connected");
+    let mut a = h.attach(hello("node-a"));
+    assert!(changed(), "node attached");
+    run_on(&h, &mut a, "run-1", "exec-1");
+    h.fleet
+        .on_outcome(&a.id, a.epoch, succeeded("run-1", "exec-1"));
+    h.assign("run-2", "exec-2");
+    assert!(!changed(), "task events leave readiness alone");
+    h.fleet.detach(&a.id, a.epoch);
+    assert!(changed(), "node detached");
+    h.fleet.set_upstream_connected(false);
+    assert!(changed(), "upstream lost");
+}
+
+#[tokio::test(start_paused = true)]
 async fn readings_and_readiness_agree_with_the_snapshot() {
     let h = Harness::new();
     assert_readings_match_snapshot(&h.fleet);
