@@ -132,8 +132,7 @@ impl Default for FleetTimings {
 
 pub struct Fleet {
     state: Mutex<FleetState>,
-    /// Wakes the deadline loop when a deadline may have been scheduled before the one it
-    /// sleeps for.
+    /// Wakes the deadline loop when a deadline was scheduled before the one it sleeps for.
     deadline_scheduled: Notify,
     events: broadcast::Sender<FleetEvent>,
     readiness_inputs: watch::Sender<()>,
@@ -153,7 +152,10 @@ struct FleetState {
     upstream_connected: bool,
     /// End of the window in which unknown running tasks announced by nodes are adopted.
     adopt_until: Instant,
-    /// Set when a transition scheduled a deadline, so the loop re-reads the queue.
+    /// When the deadline loop next reads the queue on its own (`None`: only when woken).
+    deadline_loop_reads_at: Option<Instant>,
+    /// Set when a transition scheduled a deadline before that, so the loop is woken to
+    /// re-read the queue. A later deadline wakes nothing: an offer a task schedules one.
     deadline_added: bool,
     outbox: Arc<Outbox>,
     events: broadcast::Sender<FleetEvent>,
@@ -230,6 +232,7 @@ impl Fleet {
                 } else {
                     Instant::now() + timings.reattach_window
                 },
+                deadline_loop_reads_at: None,
                 deadline_added: false,
                 outbox,
                 events: events.clone(),
@@ -504,7 +507,12 @@ impl Fleet {
     /// Fires every deadline as it comes due, until `shutdown`. The fleet's only timer.
     pub async fn run_deadlines(&self, shutdown: CancellationToken) {
         loop {
-            let next = self.lock().deadlines.next();
+            let next = {
+                let mut state = self.lock();
+                let next = state.deadlines.next();
+                state.deadline_loop_reads_at = next;
+                next
+            };
             let sleep = async {
                 match next {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -648,8 +656,17 @@ impl FleetState {
     }
 
     fn schedule(&mut self, after: Duration, deadline: Deadline) -> deadlines::DeadlineKey {
-        self.deadline_added = true;
-        self.deadlines.schedule(Instant::now() + after, deadline)
+        let now = Instant::now();
+        let at = now + after;
+        if self
+            .deadline_loop_reads_at
+            .is_none_or(|reads_at| at < reads_at)
+        {
+            self.deadline_added = true;
+            // Woken, the loop reads the queue now: later deadlines need no other wake.
+            self.deadline_loop_reads_at = Some(now);
+        }
+        self.deadlines.schedule(at, deadline)
     }
 
     fn is_current(&self, node_id: &str, epoch: u64) -> bool {

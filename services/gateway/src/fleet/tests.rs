@@ -417,6 +417,22 @@ async fn a_silent_node_gets_no_new_offers_and_is_dropped_if_it_stays_silent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn an_offer_expires_on_time_while_the_deadline_loop_sleeps_for_a_later_deadline() {
+    let mut h = Harness::new();
+    let gone = h.attach(hello("node-a"));
+    h.fleet.detach(&gone.id, gone.epoch);
+    // The loop now sleeps until node-a's node-lost deadline, a minute away.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut silent = h.attach(hello("node-b"));
+    h.assign("run-1", "exec");
+    assert_eq!(silent.offers(), vec!["run-1"]);
+    let started = Instant::now();
+    h.wait_for(|event| matches!(event, FleetEvent::TaskRefused { expired: true, .. }))
+        .await;
+    assert_eq!(started.elapsed(), timings().offer_timeout);
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_quiet_node_that_answers_takes_offers_again() {
     let mut h = Harness::new();
     let mut node = h.attach(hello("node-a"));
