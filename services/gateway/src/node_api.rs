@@ -1,6 +1,6 @@
 //! The gRPC endpoint node agents attach to.
 
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -245,10 +245,12 @@ where
         epoch,
     };
     streams.spawn(async move {
+        // Registered with the token once, not per message: every node's reader shares it.
+        let mut stopped = pin!(stop.cancelled_owned());
         loop {
             let message = tokio::select! {
                 message = inbound.next() => message,
-                () = stop.cancelled() => break,
+                () = &mut stopped => break,
             };
             match message {
                 Some(Ok(message)) => connection.dispatch(message),

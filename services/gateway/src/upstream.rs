@@ -2,6 +2,7 @@
 //! (spec §1.1–1.4): bearer auth, `worker_id` query parameter, ping every 30 s, 60 s read
 //! deadline, 10 s write deadline, jittered exponential reconnect backoff.
 
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -285,7 +286,10 @@ async fn serve(
         tokio::time::Instant::now() + keepalive.ping_interval,
         keepalive.ping_interval,
     );
-    let mut read_deadline = tokio::time::Instant::now() + keepalive.read_timeout;
+    // Created once and pushed back on each frame (no timer or token registration per
+    // frame).
+    let mut read_deadline = pin!(tokio::time::sleep(keepalive.read_timeout));
+    let mut stopping = pin!(shutdown.cancelled());
     loop {
         tokio::select! {
             // Reading is never abandoned mid-frame: `next` is cancel-safe, so a frame
@@ -293,7 +297,9 @@ async fn serve(
             // Back-pressure: while the outbox is this full (Oz is not reading), stop
             // reading assignments that would only add to it.
             frame = socket.next(), if outbox.len() < MAX_OUTBOX_BEFORE_PAUSE => {
-                read_deadline = tokio::time::Instant::now() + keepalive.read_timeout;
+                read_deadline
+                    .as_mut()
+                    .reset(tokio::time::Instant::now() + keepalive.read_timeout);
                 match frame {
                     None => return ConnectionEnd::Lost("server closed the stream".into()),
                     Some(Err(error)) => return ConnectionEnd::Lost(error.to_string()),
@@ -309,7 +315,7 @@ async fn serve(
                     Some(Ok(_)) => {} // ping/pong: the deadline reset above is all they do
                 }
             }
-            () = tokio::time::sleep_until(read_deadline) => {
+            () = &mut read_deadline => {
                 return ConnectionEnd::Lost(format!("nothing received for {:?}", keepalive.read_timeout));
             }
             // Everything queued goes out in one flush; each message counts as sent only
@@ -331,7 +337,7 @@ async fn serve(
                     return ConnectionEnd::Lost(format!("ping failed: {error}"));
                 }
             }
-            () = shutdown.cancelled() => {
+            () = &mut stopping => {
                 drain_and_close(&mut socket, keepalive, outbox, fleet).await;
                 return ConnectionEnd::Shutdown;
             }
@@ -464,6 +470,62 @@ mod tests {
         assert_eq!(
             first_byte, 0x16,
             "the client opened with a TLS handshake record"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn frames_push_the_read_deadline_back_and_silence_ends_the_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut peer = tokio::task::JoinSet::new();
+        peer.spawn(async move {
+            let (stream, _) = listener.accept().await.unwrap();
+            let mut socket = tokio_tungstenite::accept_async(stream).await.unwrap();
+            // Three frames 40 s apart, each within the 60 s read timeout; then silence
+            // (nothing read, so no pong to the gateway's pings either).
+            for _ in 0..3 {
+                tokio::time::sleep(Duration::from_secs(40)).await;
+                socket
+                    .send(Message::Pong(Default::default()))
+                    .await
+                    .unwrap();
+            }
+            std::future::pending::<()>().await
+        });
+        let config = UpstreamConfig {
+            web_socket_url: format!("ws://{address}/ws"),
+            api_key: SecretString::from("k"),
+            worker_id: "w".into(),
+            keepalive: Keepalive::default(),
+            proxy: ProxyEnv::default(),
+        };
+        let url = connect_url(&config.web_socket_url, "w").unwrap();
+        let Ok(socket) = dial(&url, &config).await else {
+            panic!("the dial to the test server failed");
+        };
+        let outbox = Arc::new(Outbox::default());
+        let fleet = Fleet::new(
+            outbox.clone(),
+            ozfleet_proto::v1::UpstreamSettings::default(),
+            crate::fleet::FleetTimings::default(),
+        );
+        let started = tokio::time::Instant::now();
+        let end = serve(
+            socket,
+            &config.keepalive,
+            &outbox,
+            &fleet,
+            &CancellationToken::new(),
+        )
+        .await;
+        let ConnectionEnd::Lost(reason) = end else {
+            panic!("the connection must be lost, not shut down");
+        };
+        assert_eq!(reason, "nothing received for 60s");
+        let lasted = started.elapsed();
+        assert!(
+            lasted >= Duration::from_secs(180) && lasted < Duration::from_secs(181),
+            "the last frame (120 s) plus the read timeout (60 s), not {lasted:?}"
         );
     }
 
