@@ -155,7 +155,8 @@ struct FleetState {
     /// When the deadline loop next reads the queue on its own (`None`: only when woken).
     deadline_loop_reads_at: Option<Instant>,
     /// Set when a transition scheduled a deadline before that, so the loop is woken to
-    /// re-read the queue. A later deadline wakes nothing: an offer a task schedules one.
+    /// re-read the queue. A later one wakes nothing: every offer schedules its timeout,
+    /// and most are later than what the loop already waits for.
     deadline_added: bool,
     outbox: Arc<Outbox>,
     events: broadcast::Sender<FleetEvent>,
