@@ -424,6 +424,19 @@ fn handle_frame(fleet: &Fleet, text: &str) {
 mod tests {
     use super::*;
 
+    /// Default timings, no proxy, worker `w`: the config and the URL it dials.
+    fn test_config(web_socket_url: String) -> (UpstreamConfig, Url) {
+        let url = connect_url(&web_socket_url, "w").unwrap();
+        let config = UpstreamConfig {
+            web_socket_url,
+            api_key: SecretString::from("k"),
+            worker_id: "w".into(),
+            keepalive: Keepalive::default(),
+            proxy: ProxyEnv::default(),
+        };
+        (config, url)
+    }
+
     #[test]
     fn worker_id_is_set_and_other_parameters_kept_sorted() {
         let url = connect_url("wss://oz.example/ws?zeta=1&worker_id=old&alpha=a+b", "w 1").unwrap();
@@ -453,14 +466,7 @@ mod tests {
             let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
             std::io::Result::Ok(hello[0])
         });
-        let config = UpstreamConfig {
-            web_socket_url: format!("wss://{address}/ws"),
-            api_key: SecretString::from("k"),
-            worker_id: "w".into(),
-            keepalive: Keepalive::default(),
-            proxy: ProxyEnv::default(),
-        };
-        let url = connect_url(&config.web_socket_url, "w").unwrap();
+        let (config, url) = test_config(format!("wss://{address}/ws"));
         let Err(error) = dial(&url, &config).await else {
             panic!("the handshake with a non-TLS peer must fail");
         };
@@ -492,14 +498,7 @@ mod tests {
             }
             std::future::pending::<()>().await
         });
-        let config = UpstreamConfig {
-            web_socket_url: format!("ws://{address}/ws"),
-            api_key: SecretString::from("k"),
-            worker_id: "w".into(),
-            keepalive: Keepalive::default(),
-            proxy: ProxyEnv::default(),
-        };
-        let url = connect_url(&config.web_socket_url, "w").unwrap();
+        let (config, url) = test_config(format!("ws://{address}/ws"));
         let Ok(socket) = dial(&url, &config).await else {
             panic!("the dial to the test server failed");
         };
