@@ -471,12 +471,22 @@ fn runs_completing_while_the_control_plane_restarts_are_each_reported_once() {
     for run in &runs {
         stack.api.wait_for_state(run, "SUCCEEDED", RUN_TIMEOUT);
     }
-    let log = stack.gateway.log();
-    for run in &runs {
-        let relayed = log
+    let finished_lines = |run: &str| {
+        stack
+            .gateway
+            .log()
             .lines()
-            .filter(|line| line.contains(run.as_str()) && line.contains("Task finished"))
-            .count();
+            .filter(|line| line.contains(run) && line.contains("Task finished"))
+            .count()
+    };
+    // The gateway writes its log in batches: a run can be SUCCEEDED before its line is out.
+    common::wait_until(
+        RUN_TIMEOUT,
+        "every run's outcome in the gateway log",
+        || runs.iter().all(|run| finished_lines(run) > 0),
+    );
+    for run in &runs {
+        let relayed = finished_lines(run);
         assert_eq!(relayed, 1, "run {run} relayed {relayed} times");
     }
     stack.assert_no_secrets_in_logs();
