@@ -10,6 +10,7 @@ use futures::{SinkExt, StreamExt};
 use ozfleet_proto::oz::{self, ServerMessage};
 use ozfleet_proto::reconnect::{AfterStable, Backoff, reconnect_loop};
 use secrecy::{ExposeSecret, SecretString};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -275,8 +276,8 @@ enum ConnectionEnd {
     Lost(String),
 }
 
-async fn serve(
-    mut socket: Socket,
+async fn serve<S: AsyncRead + AsyncWrite + Unpin>(
+    mut socket: WebSocketStream<S>,
     keepalive: &Keepalive,
     outbox: &Outbox,
     fleet: &Fleet,
@@ -346,8 +347,8 @@ async fn serve(
 }
 
 /// Feeds `batch` to the socket and flushes once, all within `timeout`.
-async fn write_batch(
-    socket: &mut Socket,
+async fn write_batch<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
     batch: &[crate::outbox::Queued],
     timeout: Duration,
 ) -> Result<(), String> {
@@ -365,7 +366,11 @@ async fn write_batch(
     }
 }
 
-async fn write(socket: &mut Socket, message: Message, timeout: Duration) -> Result<(), String> {
+async fn write<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
+    message: Message,
+    timeout: Duration,
+) -> Result<(), String> {
     match tokio::time::timeout(timeout, socket.send(message)).await {
         Err(_) => Err(format!("write timed out after {timeout:?}")),
         Ok(result) => result.map_err(|error| error.to_string()),
@@ -373,8 +378,8 @@ async fn write(socket: &mut Socket, message: Message, timeout: Duration) -> Resu
 }
 
 /// Sends what is still queued (bounded), then a normal-closure close frame.
-async fn drain_and_close(
-    socket: &mut Socket,
+async fn drain_and_close<S: AsyncRead + AsyncWrite + Unpin>(
+    socket: &mut WebSocketStream<S>,
     keepalive: &Keepalive,
     outbox: &Outbox,
     fleet: &Fleet,
@@ -424,19 +429,6 @@ fn handle_frame(fleet: &Fleet, text: &str) {
 mod tests {
     use super::*;
 
-    /// Default timings, no proxy, worker `w`: the config and the URL it dials.
-    fn test_config(web_socket_url: String) -> (UpstreamConfig, Url) {
-        let url = connect_url(&web_socket_url, "w").unwrap();
-        let config = UpstreamConfig {
-            web_socket_url,
-            api_key: SecretString::from("k"),
-            worker_id: "w".into(),
-            keepalive: Keepalive::default(),
-            proxy: ProxyEnv::default(),
-        };
-        (config, url)
-    }
-
     #[test]
     fn worker_id_is_set_and_other_parameters_kept_sorted() {
         let url = connect_url("wss://oz.example/ws?zeta=1&worker_id=old&alpha=a+b", "w 1").unwrap();
@@ -466,7 +458,14 @@ mod tests {
             let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\n\r\n").await;
             std::io::Result::Ok(hello[0])
         });
-        let (config, url) = test_config(format!("wss://{address}/ws"));
+        let config = UpstreamConfig {
+            web_socket_url: format!("wss://{address}/ws"),
+            api_key: SecretString::from("k"),
+            worker_id: "w".into(),
+            keepalive: Keepalive::default(),
+            proxy: ProxyEnv::default(),
+        };
+        let url = connect_url(&config.web_socket_url, "w").unwrap();
         let Err(error) = dial(&url, &config).await else {
             panic!("the handshake with a non-TLS peer must fail");
         };
@@ -481,27 +480,24 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn frames_push_the_read_deadline_back_and_silence_ends_the_connection() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
+        use tokio_tungstenite::tungstenite::protocol::Role;
+        // In memory, not TCP: on paused time the clock jumps whenever the runtime waits,
+        // and a loopback frame the kernel has not delivered yet would let it jump past the
+        // deadline.
+        let (gateway_end, oz_end) = tokio::io::duplex(64 * 1024);
+        let socket = WebSocketStream::from_raw_socket(gateway_end, Role::Client, None).await;
+        let mut oz = WebSocketStream::from_raw_socket(oz_end, Role::Server, None).await;
         let mut peer = tokio::task::JoinSet::new();
         peer.spawn(async move {
-            let (stream, _) = listener.accept().await.unwrap();
-            let mut socket = tokio_tungstenite::accept_async(stream).await.unwrap();
             // Three frames 40 s apart, each within the 60 s read timeout; then silence
             // (nothing read, so no pong to the gateway's pings either).
             for _ in 0..3 {
                 tokio::time::sleep(Duration::from_secs(40)).await;
-                socket
-                    .send(Message::Pong(Default::default()))
-                    .await
-                    .unwrap();
+                oz.send(Message::Pong(Default::default())).await.unwrap();
             }
             std::future::pending::<()>().await
         });
-        let (config, url) = test_config(format!("ws://{address}/ws"));
-        let Ok(socket) = dial(&url, &config).await else {
-            panic!("the dial to the test server failed");
-        };
+        let keepalive = Keepalive::default();
         let outbox = Arc::new(Outbox::default());
         let fleet = Fleet::new(
             outbox.clone(),
@@ -511,7 +507,7 @@ mod tests {
         let started = tokio::time::Instant::now();
         let end = serve(
             socket,
-            &config.keepalive,
+            &keepalive,
             &outbox,
             &fleet,
             &CancellationToken::new(),
