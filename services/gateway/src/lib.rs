@@ -15,6 +15,7 @@ pub mod node_api;
 mod node_server;
 pub mod outbox;
 pub mod proxy;
+mod spare;
 pub mod tls;
 pub mod upstream;
 

@@ -11,6 +11,10 @@ use ozfleet_proto::oz::WorkerMessage;
 use tokio::sync::Notify;
 
 use crate::fleet::journal::Durability;
+use crate::spare::ReleaseSpare as _;
+
+/// Messages the queue keeps room for after a burst has passed.
+const QUEUE_ROOM: usize = 64;
 
 #[derive(Default)]
 pub struct Outbox {
@@ -106,6 +110,7 @@ impl Outbox {
             .is_some_and(|front| front.sequence == sent.sequence)
         {
             queue.pop_front();
+            queue.release_spare(QUEUE_ROOM);
         }
         let more = !queue.is_empty();
         drop(queue);

@@ -13,12 +13,15 @@ use tokio::time::Instant;
 
 use super::deadlines::DeadlineKey;
 use super::events::{TaskSnapshot, TaskState};
+use crate::spare::ReleaseSpare as _;
 
 /// How many finished executions are remembered, to drop duplicate outcomes (at-least-once
 /// delivery from nodes repeats one after a lost acknowledgement).
 pub const FINISHED_MEMORY: usize = 10_000;
 /// How many cancellations for unknown tasks are remembered.
 pub const EARLY_CANCELLATION_MEMORY: usize = 10_000;
+/// Held tasks (and unsent outcomes) the ledger keeps room for after a burst has passed.
+const HELD_ROOM: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Phase {
@@ -108,6 +111,13 @@ pub struct TaskLedger {
 }
 
 impl TaskLedger {
+    /// Removes a task the gateway is done with (or gives up on).
+    pub fn take(&mut self, task_id: &str) -> Option<Task> {
+        let task = self.tasks.remove(task_id);
+        self.tasks.release_spare(HELD_ROOM);
+        task
+    }
+
     pub fn next_offer(&mut self) -> u64 {
         self.placements += 1;
         self.placements
@@ -151,6 +161,7 @@ impl TaskLedger {
     pub fn mark_sent(&mut self, task_id: &str, execution_id: &str) {
         self.unsent_outcomes
             .remove(&(task_id.to_owned(), execution_id.to_owned()));
+        self.unsent_outcomes.release_spare(HELD_ROOM);
     }
 
     pub fn is_unsent(&self, task_id: &str, execution_id: &str) -> bool {

@@ -936,7 +936,7 @@ impl FleetState {
     fn reject(&mut self, task_id: &str) {
         // A rejection does not settle the run: Oz offers it again, and a node that turns
         // out to run this execution (kept across a gateway restart) is adopted, not stopped.
-        let Some(task) = self.ledger.tasks.remove(task_id) else {
+        let Some(task) = self.ledger.take(task_id) else {
             return;
         };
         // No node holds it any more.
@@ -1110,7 +1110,7 @@ impl FleetState {
         }
         if by_operator {
             // Oz assigned it and no node will run it: Oz must hear how it ended.
-            if let Some(task) = self.ledger.tasks.remove(task_id) {
+            if let Some(task) = self.ledger.take(task_id) {
                 self.ledger
                     .remember_finished(task_id, &task.execution_id, None);
                 let message = oz_mapping::operator_cancelled(task_id);
@@ -1132,7 +1132,7 @@ impl FleetState {
         if cancelled {
             // Oz cancelled it before any node claimed it: nothing is left to run or report.
             info!(task_id, "Dropping a task cancelled before it was claimed");
-            if let Some(task) = self.ledger.tasks.remove(task_id) {
+            if let Some(task) = self.ledger.take(task_id) {
                 self.ledger
                     .remember_finished(task_id, &task.execution_id, None);
                 self.journal.settled(task_id, &task.execution_id);
@@ -1281,7 +1281,7 @@ impl FleetState {
 
     /// Reports a running task as failed upstream because its node lost it.
     fn lose_task(&mut self, task_id: &str, why: &str) {
-        let Some(task) = self.ledger.tasks.remove(task_id) else {
+        let Some(task) = self.ledger.take(task_id) else {
             return;
         };
         if let Some(key) = task.offer_deadline {
@@ -1435,7 +1435,7 @@ impl FleetState {
 
     fn relay(&mut self, node_id: &str, phase: Phase, outcome: &TaskOutcome) {
         let task_id = outcome.task_id.as_str();
-        let Some(mut task) = self.ledger.tasks.remove(task_id) else {
+        let Some(mut task) = self.ledger.take(task_id) else {
             return;
         };
         let Some(owner) = task.node_id.clone() else {

@@ -1035,6 +1035,43 @@ async fn an_operator_cancel_of_an_offer_that_no_node_takes_is_reported_once() {
     assert!(h.fleet.snapshot().tasks.is_empty());
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_held_tasks_leaves_no_burst_sized_ledger_behind() {
+    let h = Harness::new();
+    let mut node = h.attach(hello("node-a"));
+    const BURST: usize = 5_000;
+    let executions: Vec<_> = (0..BURST)
+        .map(|i| (format!("run-{i}"), format!("exec-{i}")))
+        .collect();
+    // In chunks the node's queue holds.
+    for chunk in executions.chunks(crate::fleet::NODE_QUEUE / 2) {
+        for (task_id, execution_id) in chunk {
+            h.assign(task_id, execution_id);
+        }
+        assert_eq!(node.offers().len(), chunk.len());
+    }
+    assert!(h.fleet.lock().ledger.tasks.capacity() >= BURST);
+
+    for (task_id, execution_id) in &executions {
+        h.fleet
+            .on_accepted(&node.id, node.epoch, accepted(task_id, execution_id));
+        h.fleet
+            .on_outcome(&node.id, node.epoch, succeeded(task_id, execution_id));
+    }
+    assert_eq!(h.upstream().len(), 2 * BURST, "every claim and completion");
+    let state = h.fleet.lock();
+    assert!(state.ledger.tasks.is_empty());
+    assert!(
+        state.ledger.tasks.capacity() < 256,
+        "the task map still has room for {} tasks",
+        state.ledger.tasks.capacity()
+    );
+    assert!(
+        state.ledger.is_finished("run-0", "exec-0"),
+        "what it must remember stays"
+    );
+}
+
 // ---- property test: any sequence of messages ---------------------------------------------
 
 mod properties {
