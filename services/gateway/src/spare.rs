@@ -15,9 +15,11 @@ pub trait ReleaseSpare {
     fn release_spare(&mut self, floor: usize);
 }
 
-/// The capacity to shrink to, if any.
+/// The capacity to shrink to, if any. Only when that at least halves the capacity: a
+/// collection sitting between `floor` and twice it is left alone instead of being asked,
+/// on every removal, to shrink to the size it already has.
 fn shrunk_capacity(len: usize, capacity: usize, floor: usize) -> Option<usize> {
-    (capacity > floor && len < capacity / 4).then(|| len.saturating_mul(2).max(floor))
+    (capacity / 2 > floor && len < capacity / 4).then(|| len.saturating_mul(2).max(floor))
 }
 
 impl<K: Eq + Hash, V, S: BuildHasher> ReleaseSpare for HashMap<K, V, S> {
@@ -87,5 +89,10 @@ mod tests {
             "never below the floor"
         );
         assert_eq!(shrunk_capacity(0, 64, 64), None, "at the floor already");
+        assert_eq!(
+            shrunk_capacity(10, 112, 64),
+            None,
+            "a shrink to the floor would not halve it"
+        );
     }
 }
